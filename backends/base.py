@@ -1,0 +1,294 @@
+"""The one protocol every engine speaks, and the internal request/response types.
+
+Two layers, so that a blocking engine never runs on the gateway's event loop:
+
+* ``Engine``: synchronous, owns the native library, lives in a worker process
+  (``backends.worker``) or, for tests and benchmarks, in a thread of the caller
+  (``InProcessBackend``). It gets a ``GenerationRequest`` and calls ``emit`` with
+  ``Chunk``s from its own thread.
+* ``Backend``: asynchronous, what the gateway's scheduler holds. ``stream()`` is an
+  async iterator of ``Chunk``s; closing it cancels the generation at once.
+
+Nothing here imports the gateway (``server``): imports point ``server -> backends``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import enum
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended. Each wire dialect maps it to its own string."""
+
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # max tokens reached or the context is full
+    CANCELLED = "cancelled"  # the client went away
+    LOOP = "loop"  # the loop guard saw degenerate repetition
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    chat_template: bool = False  # the engine applies its own chat template
+    batching: bool = False  # several requests may generate at once
+    tokenize: bool = True
+    embeddings: bool = False
+    grammar: bool = False  # GBNF / JSON-schema constrained decoding
+
+
+class BackendError(RuntimeError):
+    """The engine failed (crashed, refused to load, ran out of memory)."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked; the message is shown to the user."""
+
+
+@dataclass
+class SamplingParams:
+    """Generation options after defaults and policy were applied.
+
+    ``max_tokens=None`` means "until end of generation or the context is full".
+    ``temperature <= 0`` means greedy decoding.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    """What the gateway asks an engine for. One type for every wire dialect.
+
+    ``prompt`` is the final text (chat template already applied, unless the engine
+    has ``Capabilities.chat_template`` and ``messages`` is set).
+    """
+
+    prompt: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    messages: list[dict[str, Any]] | None = None
+    grammar: str | None = None  # GBNF, for engines with Capabilities.grammar
+    json_schema: dict[str, Any] | None = None  # the schema the grammar came from
+    loop_guard: dict[str, Any] | None = None  # see backends.guard.LoopGuard
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationRequest:
+        d = dict(d)
+        d["sampling"] = SamplingParams(**d.get("sampling") or {})
+        return cls(**d)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prompt_ns: int = 0  # time spent evaluating the prompt
+    eval_ns: int = 0  # time spent generating
+
+
+@dataclass
+class Chunk:
+    """A piece of generated text. The last chunk of a request has ``finish_reason``
+    and ``usage`` set (like Ollama's ``llm.CompletionResponse``)."""
+
+    text: str = ""
+    n_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    detail: str | None = None  # why it finished, when that needs saying (loop guard, KV full)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"text": self.text, "n_tokens": self.n_tokens}
+        if self.finish_reason is not None:
+            d["finish_reason"] = self.finish_reason.value
+        if self.usage is not None:
+            d["usage"] = dataclasses.asdict(self.usage)
+        if self.detail:
+            d["detail"] = self.detail
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Chunk:
+        return cls(
+            text=d.get("text", ""),
+            n_tokens=d.get("n_tokens", 0),
+            finish_reason=FinishReason(d["finish_reason"]) if d.get("finish_reason") else None,
+            usage=Usage(**d["usage"]) if d.get("usage") else None,
+            detail=d.get("detail"),
+        )
+
+
+@dataclass
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass
+class ModelSpec:
+    """Everything an engine needs to load one model."""
+
+    name: str
+    path: str  # a .gguf file or an OpenVINO IR directory
+    backend: str = "llamacpp"
+    num_ctx: int = 4096  # context per sequence
+    num_parallel: int = 1  # sequences that can run at once
+    num_batch: int = 512
+    num_threads: int = 0  # 0 = all cores
+    devices: list[str] = field(default_factory=list)  # OpenVINO device preference
+    cache_dir: str | None = None
+    embedding: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+Emit = Callable[[Chunk], None]
+
+
+class Engine(abc.ABC):
+    """A blocking engine. One instance per loaded model, in its own process.
+
+    ``submit`` must return at once; the engine calls ``emit`` from its own thread,
+    and its last call for a request carries ``finish_reason``. ``emit`` may raise
+    nothing; an engine that fails a request emits ``FinishReason.ERROR`` with a
+    ``detail``.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @abc.abstractmethod
+    def __init__(self, spec: ModelSpec) -> None: ...
+
+    @abc.abstractmethod
+    def submit(self, req: GenerationRequest, emit: Emit) -> None: ...
+
+    @abc.abstractmethod
+    def cancel(self, req_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        raise InvalidRequest(f"the {self.name} backend does not compute embeddings")
+
+    def info(self) -> dict[str, Any]:
+        """What /api/ps and /api/show report: device, fallbacks, context, memory."""
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        """Live counters (active slots, cached tokens) for metrics."""
+        return {}
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Backend(abc.ABC):
+    """What the gateway holds for a loaded model."""
+
+    capabilities: Capabilities
+    spec: ModelSpec
+
+    @abc.abstractmethod
+    async def load(self) -> dict[str, Any]:
+        """Load the model; returns ``Engine.info()``."""
+
+    @abc.abstractmethod
+    def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Generate. Closing the iterator early cancels the request in the engine."""
+
+    @abc.abstractmethod
+    async def tokenize(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def embed(self, texts: list[str]) -> Embeddings: ...
+
+    async def stats(self) -> dict[str, Any]:
+        return {}
+
+    @abc.abstractmethod
+    async def unload(self) -> None: ...
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+
+class InProcessBackend(Backend):
+    """Runs an ``Engine`` in this process: its blocking calls go to threads and its
+    ``emit`` callbacks are handed to the event loop. Used for the fake engine in API
+    tests and for "the engine called directly" in benchmarks."""
+
+    def __init__(self, engine_cls: type[Engine], spec: ModelSpec) -> None:
+        self.engine_cls = engine_cls
+        self.capabilities = engine_cls.capabilities
+        self.spec = spec
+        self.engine: Engine | None = None
+
+    async def load(self) -> dict[str, Any]:
+        self.engine = await asyncio.to_thread(self.engine_cls, self.spec)
+        return self.engine.info()
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        assert self.engine is not None, "load() first"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        done = threading.Event()
+
+        def emit(chunk: Chunk) -> None:
+            if not done.is_set():
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        self.engine.submit(req, emit)
+        try:
+            while True:
+                chunk = await queue.get()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            done.set()
+            if self.engine is not None:
+                self.engine.cancel(req.id)
+
+    async def tokenize(self, text: str) -> list[int]:
+        assert self.engine is not None
+        return await asyncio.to_thread(self.engine.tokenize, text)
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        assert self.engine is not None
+        return await asyncio.to_thread(self.engine.embed, texts)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats() if self.engine else {}
+
+    async def unload(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.close)

@@ -1,0 +1,130 @@
+"""A deterministic engine for fast tests of the HTTP layer and the worker machinery.
+
+It never stands in for a real engine in a feature's test: it only makes the framing,
+error paths and scheduling of the gateway testable in milliseconds.
+
+Its reply is, in order of precedence: the next entry of ``FakeEngine.script``
+(``FakeEngine.enqueue("text")``), ``spec.extra["reply"]``, or an echo of the
+prompt's last line. A reply is emitted one word (token) at a time.
+``spec.extra``: ``delay`` seconds per token, ``fail_at`` (raise after N tokens),
+``crash_at`` (kill the process after N tokens: tests the gateway's restart).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import threading
+import time
+from typing import Any, ClassVar
+
+from backends.base import (
+    Capabilities,
+    Chunk,
+    Emit,
+    Embeddings,
+    Engine,
+    FinishReason,
+    GenerationRequest,
+    ModelSpec,
+    Usage,
+)
+from backends.text import StopMatcher
+
+
+class FakeEngine(Engine):
+    name = "fake"
+    capabilities = Capabilities(batching=True, tokenize=True, embeddings=True, grammar=True)
+    script: ClassVar[collections.deque[str]] = collections.deque()
+    requests: ClassVar[list[GenerationRequest]] = []
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.cancelled: set[str] = set()
+        self.active = 0
+        self.lock = threading.Lock()
+
+    @classmethod
+    def enqueue(cls, *replies: str) -> None:
+        cls.script.extend(replies)
+
+    def submit(self, req: GenerationRequest, emit: Emit) -> None:
+        FakeEngine.requests.append(req)
+        try:
+            reply = FakeEngine.script.popleft()
+        except IndexError:
+            reply = self.spec.extra.get("reply") or _echo(req.prompt)
+        threading.Thread(target=self._run, args=(req, reply, emit), daemon=True).start()
+
+    def _run(self, req: GenerationRequest, reply: str, emit: Emit) -> None:
+        extra = self.spec.extra
+        pieces = re.findall(r"\s*\S+", reply) or [""]
+        matcher = StopMatcher(req.sampling.stop)
+        limit = req.sampling.max_tokens
+        n_prompt = len(self.tokenize(req.prompt))
+        t0 = time.monotonic_ns()
+        with self.lock:
+            self.active += 1
+        finish, n = FinishReason.STOP, 0
+        try:
+            for piece in pieces:
+                if req.id in self.cancelled:
+                    finish = FinishReason.CANCELLED
+                    break
+                if limit is not None and n >= limit:
+                    finish = FinishReason.LENGTH
+                    break
+                if extra.get("fail_at") is not None and n >= extra["fail_at"]:
+                    emit(Chunk(finish_reason=FinishReason.ERROR, detail="fake engine failure",
+                               usage=Usage(n_prompt, n)))
+                    return
+                if extra.get("crash_at") is not None and n >= extra["crash_at"]:
+                    os._exit(3)
+                if extra.get("delay"):
+                    time.sleep(extra["delay"])
+                n += 1
+                text = matcher.feed(piece)
+                if text:
+                    emit(Chunk(text=text, n_tokens=1))
+                if matcher.stopped:
+                    break
+            else:
+                if tail := matcher.flush():
+                    emit(Chunk(text=tail))
+            elapsed = time.monotonic_ns() - t0
+            emit(Chunk(finish_reason=finish,
+                       usage=Usage(prompt_tokens=n_prompt, completion_tokens=n,
+                                   prompt_ns=max(1, elapsed // 10), eval_ns=max(1, elapsed))))
+        finally:
+            with self.lock:
+                self.active -= 1
+            self.cancelled.discard(req.id)
+
+    def cancel(self, req_id: str) -> None:
+        self.cancelled.add(req_id)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(hashlib.md5(w.encode()).hexdigest()[:6], 16) for w in text.split()]
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        vecs = []
+        for t in texts:
+            d = hashlib.sha256(t.encode()).digest()
+            vecs.append([(b - 127.5) / 127.5 for b in d[:16]])
+        return Embeddings(vecs, sum(len(self.tokenize(t)) for t in texts))
+
+    def info(self) -> dict[str, Any]:
+        return {"device": "fake", "num_ctx": self.spec.num_ctx, "num_parallel": self.spec.num_parallel}
+
+    def stats(self) -> dict[str, Any]:
+        return {"active": self.active}
+
+    def close(self) -> None:
+        pass
+
+
+def _echo(prompt: str) -> str:
+    lines = [ln for ln in prompt.strip().splitlines() if ln.strip()]
+    return f"You said: {lines[-1].strip()}" if lines else "Hello."

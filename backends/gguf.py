@@ -1,0 +1,251 @@
+"""A careful GGUF reader: checks a file's header, sizes and offsets before any
+native loader sees it, and extracts the metadata the model store needs.
+
+Model files are untrusted input. llama.cpp's own parser has had heap overflows on
+crafted headers, so every count and length here is bounded by the file's size and
+by fixed limits before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+MAGIC = b"GGUF"
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_STRING = 16 << 20  # 16 MiB: chat templates are a few KiB, token texts bytes
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 2
+
+# ggml_type -> (elements per block, bytes per block); gguf-py GGML_QUANT_SIZES.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+}
+
+# general.file_type -> the name Ollama shows as quantization_level (llama_ftype).
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4_MOE",
+}
+
+# GGUF metadata value types: id -> struct format (None: string/array).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFError(ValueError):
+    """The file is not a well-formed GGUF model."""
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    offset: int  # relative to the data section
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFInfo:
+    path: str
+    version: int
+    size: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo] = field(repr=False)
+    tokens: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.arch_value("context_length", 2048))
+
+    @property
+    def embedding_length(self) -> int:
+        return int(self.arch_value("embedding_length", 0))
+
+    @property
+    def chat_template(self) -> str | None:
+        t = self.metadata.get("tokenizer.chat_template")
+        return t if isinstance(t, str) and t.strip() else None
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def quantization(self) -> str:
+        ft = self.metadata.get("general.file_type")
+        if isinstance(ft, int) and ft in FILE_TYPES:
+            return FILE_TYPES[ft]
+        # No file type recorded: name the most common tensor type.
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.type_name] = counts.get(t.type_name, 0) + t.nbytes
+        return max(counts, key=counts.__getitem__) if counts else "unknown"
+
+    def token_text(self, key: str) -> str | None:
+        """The text of a special token, e.g. ``token_text("bos")``."""
+        tid = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(tid, int) and 0 <= tid < len(self.tokens):
+            return self.tokens[tid]
+        return None
+
+    def model_info(self) -> dict[str, Any]:
+        """Metadata as Ollama's /api/show ``model_info``: big arrays are left out
+        (null), as Ollama does unless ``verbose`` is set."""
+        info: dict[str, Any] = {}
+        for k, v in self.metadata.items():
+            if k == "tokenizer.chat_template":
+                continue
+            info[k] = None if isinstance(v, _LongArray) else v
+        info["general.parameter_count"] = self.parameter_count
+        return info
+
+
+class _LongArray(list):
+    """An array too long to keep in the metadata (token lists, merges)."""
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f, self.size = f, size
+
+    def read(self, n: int) -> bytes:
+        if n < 0 or self.f.tell() + n > self.size:
+            raise GGUFError(f"truncated file: {n} bytes wanted at offset {self.f.tell()}")
+        return self.f.read(n)
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > MAX_STRING:
+            raise GGUFError(f"string of {n} bytes at offset {self.f.tell()} is over the limit")
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, depth: int = 0, keep: int = 1 << 30) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise GGUFError("arrays nested too deeply")
+            etype = self.unpack("<I")
+            n = self.unpack("<Q")
+            # Every element takes at least one byte: a count beyond the bytes left is a lie.
+            if n > self.size - self.f.tell():
+                raise GGUFError(f"array of {n} elements cannot fit in the file")
+            out = [self.value(etype, depth + 1) for _ in range(n)]
+            return out if n <= keep else _LongArray(out)
+        raise GGUFError(f"unknown metadata value type {vtype}")
+
+
+def read_gguf(path: str | os.PathLike[str], *, keep_tokens: bool = True) -> GGUFInfo:
+    """Parse and validate a GGUF file's header. Raises ``GGUFError`` on anything
+    malformed: bad magic or version, counts or strings beyond limits, unknown tensor
+    types, tensors whose data would lie outside the file or overlap."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise GGUFError(f"cannot open {path}: {e.strerror}") from e
+    with f:
+        r = _Reader(f, size)
+        if r.read(4) != MAGIC:
+            raise GGUFError(f"{os.path.basename(path)} is not a GGUF file (bad magic)")
+        version = r.unpack("<I")
+        if version not in (2, 3):
+            raise GGUFError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+        if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+            raise GGUFError(f"implausible header: {n_tensors} tensors, {n_kv} metadata keys")
+        metadata: dict[str, Any] = {}
+        tokens: list[str] = []
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = r.unpack("<I")
+            val = r.value(vtype, keep=64)
+            if key == "tokenizer.ggml.tokens" and keep_tokens:
+                tokens = list(val)
+            if key in metadata:
+                raise GGUFError(f"duplicate metadata key {key!r}")
+            metadata[key] = val
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.unpack("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
+            shape = tuple(r.unpack("<Q") for _ in range(n_dims))
+            ttype = r.unpack("<I")
+            offset = r.unpack("<Q")
+            if ttype not in GGML_TYPES:
+                raise GGUFError(f"tensor {name!r} has unknown type {ttype}")
+            tname, block, bsize = GGML_TYPES[ttype]
+            n = 1
+            for d in shape:
+                if d <= 0 or d > size * 256:
+                    raise GGUFError(f"tensor {name!r} has an invalid dimension {d}")
+                n *= d
+            if shape[0] % block:
+                raise GGUFError(f"tensor {name!r}: row of {shape[0]} is not a multiple of {block}")
+            tensors.append(TensorInfo(name, shape, tname, offset, n // block * bsize))
+        alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"invalid general.alignment {alignment!r}")
+        data_start = -(-f.tell() // alignment) * alignment
+        data_size = size - data_start
+        end = 0
+        for t in sorted(tensors, key=lambda t: t.offset):
+            if t.offset % alignment:
+                raise GGUFError(f"tensor {t.name!r} is not aligned to {alignment}")
+            if t.offset < end:
+                raise GGUFError(f"tensor {t.name!r} overlaps the tensor before it")
+            end = t.offset + t.nbytes
+            if end > data_size:
+                raise GGUFError(f"tensor {t.name!r} ends beyond the end of the file")
+    if "general.architecture" not in metadata:
+        raise GGUFError("general.architecture is missing")
+    return GGUFInfo(path, version, size, metadata, tensors, tokens)
+
+
+def human_number(n: int) -> str:
+    """Parameter counts as Ollama prints them (format.HumanNumber): 8.0B, 134.52M."""
+    for unit, scale, fmt in (("B", 1e9, "%.1f"), ("M", 1e6, "%.2f"), ("K", 1e3, "%.0f")):
+        if n >= scale:
+            v = n / scale
+            return ("%.0f" % v if v == int(v) else fmt % v) + unit
+    return str(n)

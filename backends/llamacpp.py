@@ -1,0 +1,531 @@
+"""llama.cpp engine: continuous batching over llama-cpp-python's low-level ctypes API.
+
+One engine thread owns one ``llama_context`` holding ``num_parallel`` sequences
+(slots). Each step builds ONE ``llama_batch``: the pending token of every generating
+sequence first, then prompt chunks of prefilling sequences until ``num_batch`` is
+full (so a long prompt never stalls running streams for more than one chunk), calls
+``llama_decode`` once and samples every sequence that got logits with its own
+sampler chain. The high-level ``Llama`` class is not used: it drives one sequence.
+
+llama-cpp-python is pinned (0.3.36): its ctypes signatures change between 0.3.x
+releases (``llama_sampler_init_penalties`` took 9, then 4, now 5 arguments).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+import llama_cpp as L
+
+from backends.base import (BackendError, Capabilities, Chunk, Emit, Embeddings, Engine,
+                           FinishReason, GenerationRequest, InvalidRequest, ModelSpec, Usage)
+from backends.gguf import read_gguf
+from backends.text import StopMatcher, Utf8Stream
+
+log = logging.getLogger("kiln.llamacpp")
+
+# ggml_log_level (ggml.h: 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 CONT; the table in
+# llama_cpp/_logger.py is stale) -> logging. llama.cpp logs every metadata key at
+# INFO while loading and its warnings are advice ("n_ctx_seq < n_ctx_train"), so
+# both are kept quiet; errors (a bad grammar, a failed load) are reported by this
+# module anyway, so they are only warnings here.
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.WARNING}
+_log_buf = threading.local()  # llama.cpp sends lines in pieces; level 5 = "continued"
+
+
+@L.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    try:  # an exception escaping a ctypes callback would be printed, never raised
+        if level != 5:
+            _log_buf.level = level
+        buf = getattr(_log_buf, "text", "") + text.decode("utf-8", "replace")
+        *lines, _log_buf.text = buf.split("\n")
+        lvl = _LOG_LEVELS.get(getattr(_log_buf, "level", 1), logging.DEBUG)
+        for line in lines:
+            if line.strip():
+                log.log(lvl, "%s", line)
+    except Exception:
+        pass
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n, i = min(len(a), len(b)), 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Entry:
+    """A submitted request; ``tokens`` is filled in by the engine thread."""
+
+    def __init__(self, req: GenerationRequest, emit: Emit) -> None:
+        self.req, self.emit = req, emit
+        self.tokens: list[int] | None = None
+
+
+class _Seq:
+    """A request in a slot. ``tokens`` is the prompt followed by every sampled token
+    that must be fed back; ``tokens[:n_past]`` is what the slot's KV cache holds."""
+
+    def __init__(self, e: _Entry, slot: int, cached: int, sampler: Any) -> None:
+        self.req, self.emit, self.slot, self.sampler = e.req, e.emit, slot, sampler
+        self.tokens = list(e.tokens or [])
+        self.n_prompt = len(self.tokens)
+        self.n_past = self.cached = cached
+        self.n_out = 0  # sampled tokens, end-of-generation excluded
+        self.n_unsent = 0  # tokens whose text is still held back
+        self.utf8 = Utf8Stream()
+        self.stop = StopMatcher(e.req.sampling.stop)
+        self.t_admit, self.t_first = time.monotonic_ns(), 0
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+    capabilities = Capabilities(batching=True, tokenize=True, embeddings=True, grammar=True)
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        gguf = read_gguf(spec.path)  # untrusted file: validated before llama.cpp parses it
+        num_ctx = spec.num_ctx
+        if num_ctx > gguf.context_length:
+            log.warning("num_ctx %d exceeds %s's trained context of %d tokens; using %d",
+                        num_ctx, spec.name, gguf.context_length, gguf.context_length)
+            num_ctx = gguf.context_length
+        n_par = max(1, min(spec.num_parallel, L.llama_max_parallel_sequences()))
+        if n_par != spec.num_parallel:
+            log.warning("num_parallel %d is out of range; using %d", spec.num_parallel, n_par)
+        self.n_threads = spec.num_threads or os.cpu_count() or 1
+        # Every generating sequence puts one token in each batch.
+        self.n_batch = max(spec.num_batch, n_par)
+
+        L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(os.fsencode(spec.path),
+                                                  L.llama_model_default_params())
+        if not self.model:
+            raise BackendError(f"llama.cpp could not load {spec.path}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = L.llama_model_n_embd(self.model)
+        cp = self._context_params(num_ctx * n_par, self.n_batch, n_par)
+        cp.kv_unified = False  # each sequence gets its own n_ctx/n_seq_max cells
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise BackendError(f"llama.cpp could not create a context (num_ctx={num_ctx})")
+        self.mem = L.llama_get_memory(self.ctx)
+        # llama.cpp may round n_ctx up; never give a sequence more than was asked.
+        self.n_ctx_seq = min(L.llama_n_ctx_seq(self.ctx), num_ctx)
+        self.n_par = L.llama_n_seq_max(self.ctx)
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)  # 1 = seq ids per token
+        self.n_ctx_train = gguf.context_length
+        self.kv_bytes = self._kv_bytes(gguf, L.llama_n_ctx(self.ctx))
+        self._piece_buf = ctypes.create_string_buffer(64)
+
+        self._slot_cache: list[list[int]] = [[] for _ in range(self.n_par)]  # KV per slot
+        self._slot_seq: list[_Seq | None] = [None] * self.n_par
+        self._active: list[_Seq] = []  # admission order = prefill order
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Entry] = collections.deque()  # guarded by _cond
+        self._dropped: list[_Entry] = []  # cancelled while waiting; engine emits CANCELLED
+        self._cancels: set[str] = set()
+        self._active_ids: set[str] = set()
+        self._closed = self._freed = False
+        self._counters = dict(prompt_tokens_total=0, cached_tokens_total=0,
+                              generated_tokens_total=0, decode_calls=0)
+        self._emb_lock = threading.Lock()  # embed() runs on other threads than the engine's
+        self._emb_ctx: Any = None
+        self._emb_batch: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"llamacpp-{spec.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _context_params(self, n_ctx: int, n_batch: int, n_seq: int) -> Any:
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max = n_ctx, n_seq
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        return cp
+
+    def _kv_bytes(self, gguf: Any, n_ctx: int) -> int:
+        # f16 K and V per layer: n_head_kv * head_dim values each, per cell.
+        n_head = max(1, L.llama_model_n_head(self.model))
+        n_kv = L.llama_model_n_head_kv(self.model) or n_head
+        k_dim = int(gguf.arch_value("attention.key_length", self.n_embd // n_head))
+        v_dim = int(gguf.arch_value("attention.value_length", k_dim))
+        return L.llama_model_n_layer(self.model) * n_ctx * n_kv * (k_dim + v_dim) * 2
+
+    # --- public API (any thread) ---------------------------------------------
+
+    def submit(self, req: GenerationRequest, emit: Emit) -> None:
+        with self._cond:
+            if not self._closed:
+                self._waiting.append(_Entry(req, emit))
+                self._cond.notify()
+                return
+        _safe_emit(emit, Chunk(finish_reason=FinishReason.ERROR, detail="the model is unloaded"))
+
+    def cancel(self, req_id: str) -> None:
+        with self._cond:
+            for e in self._waiting:
+                if e.req.id == req_id:  # not started: drop it now, no need to wait a step
+                    self._waiting.remove(e)
+                    self._dropped.append(e)
+                    self._cond.notify()
+                    return
+            if req_id in self._active_ids:
+                self._cancels.add(req_id)
+                self._cond.notify()
+
+    def tokenize(self, text: str) -> list[int]:
+        if self._freed:
+            raise BackendError("the model is unloaded")
+        data = text.encode("utf-8")
+        n_max = len(data) + 16  # never more than a token per byte, plus BOS/EOS
+        buf = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, True)
+        if n < 0:  # -n = the size needed
+            n_max = -n
+            buf = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, True)
+        if n < 0:
+            raise InvalidRequest("the text could not be tokenized")
+        return buf[:n]
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        with self._emb_lock:
+            if self._closed:
+                raise BackendError("the model is unloaded")
+            toks = [self.tokenize(t) for t in texts]
+            for t in toks:
+                if not t:
+                    raise InvalidRequest("cannot embed an empty text (0 tokens)")
+                if len(t) > self.n_ctx_seq:
+                    raise InvalidRequest(f"the input is {len(t)} tokens, more than the context "
+                                         f"window of {self.n_ctx_seq} tokens (num_ctx)")
+            if self._emb_ctx is None:
+                # Mean pooling needs a whole text in one ubatch: n_ubatch = n_ctx.
+                cp = self._context_params(self.n_ctx_seq, self.n_ctx_seq, 1)
+                cp.embeddings, cp.pooling_type = True, L.LLAMA_POOLING_TYPE_MEAN
+                ctx = L.llama_init_from_model(self.model, cp)
+                if not ctx:
+                    raise BackendError("llama.cpp could not create an embedding context")
+                self._emb_ctx = ctx
+                self._emb_batch = L.llama_batch_init(self.n_ctx_seq, 0, 1)
+            ctx, b = self._emb_ctx, self._emb_batch
+            vectors = []
+            for t in toks:
+                L.llama_memory_clear(L.llama_get_memory(ctx), True)
+                for i, tok in enumerate(t):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, i, 1, 1
+                    b.seq_id[i][0] = 0
+                b.n_tokens = len(t)
+                if (rc := L.llama_decode(ctx, b)) != 0:
+                    raise BackendError(f"llama_decode failed with code {rc} while embedding")
+                vec = L.llama_get_embeddings_seq(ctx, 0)
+                if not vec:
+                    raise BackendError("llama.cpp returned no embedding")
+                vectors.append(vec[: self.n_embd])
+            return Embeddings(vectors, sum(len(t) for t in toks))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "device": "cpu",
+            "num_ctx": self.n_ctx_seq,
+            "num_parallel": self.n_par,
+            "num_batch": self.n_batch,
+            "n_threads": self.n_threads,
+            "n_ctx_train": self.n_ctx_train,
+            "kv_bytes": self.kv_bytes,
+            "model_bytes": os.path.getsize(self.spec.path),
+            "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"active": len(self._active_ids), "waiting": len(self._waiting),
+                    "num_parallel": self.n_par, **self._counters}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is threading.current_thread():
+            return  # called from emit: freeing now would pull the context from under a step
+        self._thread.join()
+        with self._cond:
+            if self._freed:
+                return
+            self._freed = True
+        with self._emb_lock:
+            if self._emb_ctx is not None:
+                L.llama_batch_free(self._emb_batch)
+                L.llama_free(self._emb_ctx)
+                self._emb_ctx = None
+        L.llama_batch_free(self.batch)
+        L.llama_free(self.ctx)  # the context before the model it was made from
+        L.llama_model_free(self.model)
+
+    # --- engine thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._waiting or self._dropped or self._cancels
+                           or self._active):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new = [e for e in self._waiting if e.tokens is None]
+                dropped, self._dropped = self._dropped, []
+                cancels, self._cancels = self._cancels, set()
+            try:
+                self._step(new, dropped, cancels)
+            except Exception as e:  # a bug must not kill the thread and hang every stream
+                log.exception("llama.cpp engine step failed")
+                for s in list(self._active):
+                    self._finish(s, FinishReason.ERROR, f"engine error: {e}", clear=True)
+        # Unloaded: end everything still in flight.
+        with self._cond:
+            left, self._waiting = list(self._dropped) + list(self._waiting), collections.deque()
+            self._dropped = []
+        for e in left:
+            _safe_emit(e.emit, Chunk(finish_reason=FinishReason.ERROR, detail="the model was unloaded"))
+        for s in list(self._active):
+            self._finish(s, FinishReason.ERROR, "the model was unloaded")
+
+    def _step(self, new: list[_Entry], dropped: list[_Entry], cancels: set[str]) -> None:
+        for e in dropped:
+            _safe_emit(e.emit, Chunk(finish_reason=FinishReason.CANCELLED,
+                                     usage=Usage(prompt_tokens=len(e.tokens or []))))
+        for s in [s for s in self._active if s.req.id in cancels]:
+            self._finish(s, FinishReason.CANCELLED)  # its KV stays for prefix reuse
+        for e in new:  # tokenize here, not in submit(): it may take a while
+            self._check(e)
+        self._admit()
+        if self._active:
+            self._decode_and_sample()
+
+    def _check(self, e: _Entry) -> None:
+        """Tokenizes a waiting request; one that cannot run ends now, not when a slot frees."""
+        detail, reason = None, FinishReason.ERROR
+        try:
+            e.tokens = toks = self.tokenize(e.req.prompt)
+        except Exception as ex:
+            toks, detail = [], f"the prompt could not be tokenized: {ex}"
+        n, mt = len(toks), e.req.sampling.max_tokens
+        if detail is None:
+            if n == 0:
+                detail = "the prompt is empty (0 tokens)"
+            elif n >= self.n_ctx_seq:  # no cell left for even one generated token
+                detail = (f"the prompt is {n} tokens, more than the context window of "
+                          f"{self.n_ctx_seq} tokens (num_ctx)")
+            elif mt is not None and mt <= 0:
+                reason = FinishReason.LENGTH  # nothing asked for
+            else:
+                return
+        with self._cond:
+            if e not in self._waiting:
+                return  # cancelled meanwhile: it is in _dropped
+            self._waiting.remove(e)
+        _safe_emit(e.emit, Chunk(finish_reason=reason, detail=detail, usage=Usage(prompt_tokens=n)))
+
+    def _admit(self) -> None:
+        while True:
+            free = [k for k in range(self.n_par) if self._slot_seq[k] is None]
+            with self._cond:
+                if not free or not self._waiting or self._waiting[0].tokens is None:
+                    return
+                e = self._waiting.popleft()
+                self._active_ids.add(e.req.id)
+            toks = e.tokens or []
+            try:
+                sampler = self._sampler(e.req, toks)
+            except InvalidRequest as ex:
+                with self._cond:
+                    self._active_ids.discard(e.req.id)
+                _safe_emit(e.emit, Chunk(finish_reason=FinishReason.ERROR, detail=str(ex),
+                                         usage=Usage(prompt_tokens=len(toks))))
+                continue
+            # Prefix reuse: the free slot whose cached tokens share the longest prefix;
+            # on a tie, the one with the least cached (least worth keeping). The last
+            # prompt token is always evaluated again: its logits give the first token.
+            slot = max(free, key=lambda k: (_lcp(self._slot_cache[k], toks),
+                                            -len(self._slot_cache[k])))
+            lcp = min(_lcp(self._slot_cache[slot], toks), len(toks) - 1)
+            if not L.llama_memory_seq_rm(self.mem, slot, lcp, -1):
+                L.llama_memory_seq_rm(self.mem, slot, -1, -1)  # e.g. recurrent models
+                lcp = 0
+            self._slot_cache[slot] = []
+            s = _Seq(e, slot, lcp, sampler)
+            self._slot_seq[slot] = s
+            self._active.append(s)
+            self._counters["prompt_tokens_total"] += len(toks)
+            self._counters["cached_tokens_total"] += lcp
+
+    def _sampler(self, req: GenerationRequest, prompt: list[int]) -> Any:
+        """A sampler chain in llama-server's order; the caller frees it."""
+        sp = req.sampling
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if req.grammar:
+            # First: a grammar must see every candidate, not what top_k/top_p left over.
+            g = L.llama_sampler_init_grammar(self.vocab, req.grammar.encode("utf-8"), b"root")
+            if not g:
+                L.llama_sampler_free(chain)
+                raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")
+            L.llama_sampler_chain_add(chain, g)
+        last_n = self.n_ctx_seq if sp.repeat_last_n < 0 else sp.repeat_last_n
+        if last_n and (sp.repeat_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty):
+            pen = L.llama_sampler_init_penalties(self.n_vocab, last_n, sp.repeat_penalty,
+                                                 sp.frequency_penalty, sp.presence_penalty)
+            # llama-server and Ollama count the prompt in the penalty window too.
+            for tok in prompt[-last_n:]:
+                L.llama_sampler_accept(pen, tok)
+            L.llama_sampler_chain_add(chain, pen)
+        if sp.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        if sp.top_k > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(sp.top_k))
+        if 0 < sp.typical_p < 1:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_typical(sp.typical_p, 1))
+        if sp.top_p < 1:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(sp.top_p, 1))
+        if sp.min_p > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(sp.min_p, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(sp.temperature))
+        # A seed of -1 becomes LLAMA_DEFAULT_SEED (0xFFFFFFFF): random in llama.cpp too.
+        seed = random.getrandbits(32) if sp.seed is None else sp.seed & 0xFFFFFFFF
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def _fill(self, gen: list[_Seq], pre: list[_Seq], budget: int) -> list[tuple[_Seq, int, int]]:
+        """Fills the batch; returns (seq, tokens added, logits row or -1) per sequence."""
+        b = self.batch
+        tok, pos, nsid, sid, want = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        rows, n = [], 0
+        for s in gen:  # decode tokens first: generating streams never wait for a prompt
+            tok[n], pos[n], nsid[n], want[n] = s.tokens[s.n_past], s.n_past, 1, 1
+            sid[n][0] = s.slot
+            rows.append((s, 1, n))
+            n += 1
+        for s in pre:
+            k = min(budget, self.n_batch - n, s.n_prompt - s.n_past)
+            if k <= 0:
+                break
+            for j in range(k):
+                tok[n + j], pos[n + j], nsid[n + j], want[n + j] = (
+                    s.tokens[s.n_past + j], s.n_past + j, 1, 0)
+                sid[n + j][0] = s.slot
+            last = s.n_past + k == s.n_prompt  # only the prompt's last token needs logits
+            if last:
+                want[n + k - 1] = 1
+            rows.append((s, k, n + k - 1 if last else -1))
+            n += k
+            budget -= k
+        b.n_tokens = n
+        return rows
+
+    def _decode_and_sample(self) -> None:
+        gen = [s for s in self._active if s.n_past >= s.n_prompt]
+        pre = [s for s in self._active if s.n_past < s.n_prompt]
+        budget = self.n_batch
+        while True:
+            rows = self._fill(gen, pre, budget)
+            if not rows:
+                return
+            rc = L.llama_decode(self.ctx, self.batch)
+            self._counters["decode_calls"] += 1
+            if rc == 0:
+                break
+            n_pre = sum(k for s, k, _ in rows if s in pre)
+            if rc == 1 and n_pre > 1:  # no KV slot (memory unchanged): try less prompt
+                budget = n_pre // 2
+                continue
+            if rc == 1:  # still no room: end the longest sequence, so this terminates
+                victim = max((s for s, _, _ in rows), key=lambda s: s.n_past)
+                (gen if victim in gen else pre).remove(victim)
+                self._finish(victim, FinishReason.ERROR,
+                             "llama.cpp found no free KV cache cell for this sequence", clear=True)
+                continue
+            # Aborted or failed: the KV of these sequences is unknown; drop them.
+            for s, _, _ in rows:
+                self._finish(s, FinishReason.ERROR, f"llama_decode failed with code {rc}",
+                             clear=True)
+            return
+        for s, k, _ in rows:
+            s.n_past += k
+        for s, _, i in rows:
+            if i >= 0:
+                self._on_token(s, L.llama_sampler_sample(s.sampler, self.ctx, i))
+
+    def _on_token(self, s: _Seq, tok: int) -> None:
+        s.t_first = s.t_first or time.monotonic_ns()
+        if L.llama_vocab_is_eog(self.vocab, tok):
+            return self._finish(s, FinishReason.STOP)
+        s.n_out += 1
+        s.n_unsent += 1
+        self._counters["generated_tokens_total"] += 1
+        text = s.stop.feed(s.utf8.feed(self._piece(tok)))
+        if text:
+            _safe_emit(s.emit, Chunk(text=text, n_tokens=s.n_unsent))
+            s.n_unsent = 0
+        mt = s.req.sampling.max_tokens
+        if s.stop.stopped:
+            self._finish(s, FinishReason.STOP)
+        elif mt is not None and s.n_out >= mt:
+            self._finish(s, FinishReason.LENGTH)
+        elif s.n_past >= self.n_ctx_seq:  # no cell left to feed this token back
+            self._finish(s, FinishReason.LENGTH,
+                         f"context window full (num_ctx={self.n_ctx_seq})")
+        else:
+            s.tokens.append(tok)
+
+    def _piece(self, tok: int) -> bytes:
+        buf = self._piece_buf
+        n = L.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
+        if n < 0:
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def _finish(self, s: _Seq, reason: FinishReason, detail: str | None = None,
+                clear: bool = False) -> None:
+        """Ends a sequence: flushes held text, emits the final chunk, frees its slot."""
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and not s.stop.stopped:
+            tail = s.stop.feed(s.utf8.flush())
+            tail += "" if s.stop.stopped else s.stop.flush()
+            if tail:
+                _safe_emit(s.emit, Chunk(text=tail, n_tokens=s.n_unsent))
+                s.n_unsent = 0
+        now = time.monotonic_ns()
+        first = s.t_first or now
+        usage = Usage(prompt_tokens=s.n_prompt, completion_tokens=s.n_out, cached_tokens=s.cached,
+                      prompt_ns=first - s.t_admit, eval_ns=now - first)
+        if s.sampler:
+            L.llama_sampler_free(s.sampler)
+            s.sampler = None
+        if clear:
+            L.llama_memory_seq_rm(self.mem, s.slot, -1, -1)  # removing a whole seq never fails
+        self._slot_cache[s.slot] = [] if clear else s.tokens[: s.n_past]
+        self._slot_seq[s.slot] = None
+        self._active.remove(s)
+        with self._cond:
+            self._active_ids.discard(s.req.id)
+            self._cancels.discard(s.req.id)
+        _safe_emit(s.emit, Chunk(n_tokens=s.n_unsent, finish_reason=reason, usage=usage,
+                                 detail=detail))
+
+
+def _safe_emit(emit: Emit, chunk: Chunk) -> None:
+    try:
+        emit(chunk)
+    except Exception:  # a broken consumer must not take the engine thread down
+        log.exception("emit failed")

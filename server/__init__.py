@@ -1,0 +1,1 @@
+"""kiln's gateway: the Ollama and OpenAI dialects, scheduling and metrics."""

@@ -1,0 +1,202 @@
+"""The one generation path behind every dialect.
+
+A dialect turns its wire request into an ``Inference``, calls ``Service.stream``, and
+turns the ``Chunk``s and the closing ``Result`` into its wire format. ``stream`` is
+primed: everything that can fail with a proper status code (unknown model, bad
+options, a prompt longer than the context, a full queue) happens before its first
+``yield``, so a dialect can still answer with that status, even when streaming.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import BackendError, Chunk, FinishReason, GenerationRequest, Usage
+from backends.store import Manifest, ModelStore
+from server import prompt as templates
+from server.errors import BadRequest
+from server.options import resolve
+from server.scheduler import Runner, Scheduler
+from server.settings import Settings
+
+log = logging.getLogger("kiln.inference")
+
+READY = object()  # the primed generator's first item
+
+
+@dataclass
+class Inference:
+    """A generation request, whatever dialect it came in."""
+
+    model: str
+    messages: list[dict[str, Any]] | None = None  # chat
+    prompt: str | None = None  # completion
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # checked Ollama options
+    format: Any = None  # "json" or a JSON schema
+    tools: list[dict[str, Any]] | None = None
+    think: Any = None
+    keep_alive: float | None = None  # seconds; None = the model's current/default
+    images: list[str] | None = None
+
+
+@dataclass
+class Result:
+    """What a finished generation reports (Ollama's final metrics)."""
+
+    finish: FinishReason
+    usage: Usage
+    total_ns: int
+    load_ns: int
+    detail: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        """What was changed or why it stopped, for a non-streamed response."""
+        out = {}
+        if self.notes:
+            out["X-Kiln-Notice"] = "; ".join(self.notes)
+        if self.detail:
+            out["X-Kiln-Finish-Detail"] = self.detail
+        return out
+
+
+@dataclass
+class Embedded:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    total_ns: int
+    load_ns: int
+
+
+@dataclass
+class Prepared:
+    manifest: Manifest
+    request: GenerationRequest
+    num_ctx: int | None
+    notes: list[str]
+
+
+class Service:
+    def __init__(self, settings: Settings, store: ModelStore, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self.store = store
+        self.scheduler = scheduler
+
+    # -- building the engine request -------------------------------------------------
+    def prepare(self, inf: Inference) -> Prepared:
+        m = self.store.get(inf.model)
+        caps = capabilities(m)
+        if inf.tools and "tools" not in caps:
+            raise BadRequest(f"{inf.model} does not support tools")
+        if inf.think and "thinking" not in caps:
+            raise BadRequest(f'"{inf.model}" does not support thinking')
+        if inf.images:
+            raise BadRequest(f'"{inf.model}" does not support images')
+        if inf.suffix and "insert" not in caps:
+            raise BadRequest(f'"{inf.model}" does not support insert')
+        if "completion" not in caps:
+            raise BadRequest(f'"{inf.model}" does not support generate')
+        resolved = resolve(m.parameters, inf.options)
+        text = self.render(m, inf)
+        req = GenerationRequest(prompt=text, sampling=resolved.sampling)
+        if inf.format is not None:
+            req.json_schema = {"type": "object"} if inf.format == "json" else inf.format
+        return Prepared(m, req, resolved.num_ctx, [])
+
+    def render(self, m: Manifest, inf: Inference) -> str:
+        if inf.raw:
+            return inf.prompt or ""
+        system = inf.system if inf.system is not None else m.system
+        messages: list[dict[str, Any]] = list(m.messages)
+        if inf.messages is not None:
+            if system and not any(msg.get("role") == "system" for msg in inf.messages):
+                messages.insert(0, {"role": "system", "content": system})
+            messages.extend(inf.messages)
+        else:
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            messages.append({"role": "user", "content": inf.prompt or ""})
+        text = templates.render(inf.template or m.chat_template, messages, tools=inf.tools or None,
+                                bos_token=m.bos_token, eos_token=m.eos_token,
+                                extra={"enable_thinking": bool(inf.think)} if inf.think is not None else None)
+        # The tokenizer adds BOS itself when the model asks for it; a template that
+        # also writes it would give two.
+        if m.bos_token and m.model_info.get("tokenizer.ggml.add_bos_token") and text.startswith(m.bos_token):
+            text = text[len(m.bos_token):]
+        return text
+
+    # -- running it --------------------------------------------------------------------
+    async def stream(self, inf: Inference) -> AsyncIterator[Any]:
+        """Yields ``READY`` once the request holds a slot, then ``Chunk``s, then a ``Result``."""
+        t0 = time.monotonic_ns()
+        p = self.prepare(inf)
+        async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
+            runner = lease.runner
+            await self._check_context(runner, p)
+            yield READY
+            usage, finish, detail = Usage(), FinishReason.STOP, None
+            async for chunk in runner.backend.stream(p.request):
+                if chunk.finish_reason is None:
+                    yield chunk
+                    continue
+                if chunk.text:
+                    yield Chunk(text=chunk.text, n_tokens=chunk.n_tokens)
+                usage, finish, detail = chunk.usage or usage, chunk.finish_reason, chunk.detail
+            if finish == FinishReason.ERROR:
+                raise BackendError(detail or "generation failed")
+            yield Result(finish, usage, time.monotonic_ns() - t0, lease.load_ns, detail, p.notes)
+
+    async def _check_context(self, runner: Runner, p: Prepared) -> None:
+        ctx = runner.spec.num_ctx
+        if p.num_ctx:
+            ctx = min(ctx, p.num_ctx)
+        n = len(await runner.backend.tokenize(p.request.prompt))
+        if n == 0:
+            raise BadRequest("the prompt is empty after templating")
+        if n >= ctx:
+            raise BadRequest(f"the prompt is {n} tokens, more than the context window of {ctx} tokens "
+                             f"(num_ctx); raise num_ctx or shorten the prompt")
+        limit = runner.info.get("max_prompt_len")
+        if limit and n > limit:
+            raise BadRequest(f"the prompt is {n} tokens; this model was compiled with MAX_PROMPT_LEN={limit}. "
+                             f"Recompile it with a larger limit: kiln compile SOURCE --name {runner.manifest.name}"
+                             f" --profile npu --max-prompt-len {n}")
+
+    async def embed(self, model: str, texts: list[str], *, keep_alive: float | None = None,
+                    options: dict[str, Any] | None = None) -> Embedded:
+        """Raw (not normalised) vectors, one per text."""
+        t0 = time.monotonic_ns()
+        m = self.store.get(model)
+        resolve(m.parameters, options or {})
+        async with self.scheduler.use(m, keep_alive=keep_alive) as lease:
+            result = await lease.runner.backend.embed(texts) if texts else None
+        return Embedded(result.vectors if result else [], result.prompt_tokens if result else 0,
+                        time.monotonic_ns() - t0, lease.load_ns)
+
+    async def collect(self, inf: Inference) -> tuple[str, Result]:
+        """Non-streaming: the merged text and the result."""
+        parts: list[str] = []
+        result: Result | None = None
+        async for item in self.stream(inf):
+            if isinstance(item, Chunk):
+                parts.append(item.text)
+            elif isinstance(item, Result):
+                result = item
+        assert result is not None
+        return "".join(parts), result
+
+
+def capabilities(m: Manifest) -> list[str]:
+    caps = list(m.capabilities or ["completion"])
+    for feature in ("tools", "thinking", "insert"):
+        if feature not in caps and templates.supports(m.chat_template, feature):
+            caps.append(feature)
+    return caps

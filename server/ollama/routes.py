@@ -1,0 +1,249 @@
+"""Ollama's native API (``/api/*``): thin handlers over the service and the store."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from backends.base import Chunk
+from backends.store import ModelName
+from server import __version__, models
+from server.errors import BadRequest, NotFound
+from server.options import check
+from server.inference import READY, Inference, Result, Service
+from server.ollama import translate
+from server.ollama.protocol import (
+    ChatRequest,
+    CopyRequest,
+    CreateRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ModelRequest,
+)
+from server.routing import JSONBodyRoute
+from server.streaming import NDJSON, guarded, ndjson_line, respond, stream_response
+
+router = APIRouter(route_class=JSONBodyRoute)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("/", response_class=PlainTextResponse, include_in_schema=False)
+@router.head("/", include_in_schema=False)
+async def root() -> PlainTextResponse:
+    return PlainTextResponse("Ollama is running")
+
+
+@router.get("/api/version")
+@router.head("/api/version", include_in_schema=False)
+async def version() -> dict[str, str]:
+    return {"version": __version__.OLLAMA_COMPAT}
+
+
+# -- generation ---------------------------------------------------------------------
+
+async def _run(request: Request, inf: Inference, stream: bool, chunk_fn: Any, final_fn: Any) -> Response:
+    def encode(item: Any) -> bytes | None:
+        if isinstance(item, Chunk):
+            return ndjson_line(chunk_fn(inf.model, item)) if item.text else None
+        if isinstance(item, Result):
+            return ndjson_line(final_fn(inf.model, item))
+        return None
+
+    return await respond(request, _service(request).stream(inf), stream=stream, media_type=NDJSON,
+                         encode=encode, on_error=lambda msg: ndjson_line({"error": msg}),
+                         whole=lambda text, r: final_fn(inf.model, r, text), ready=READY, headers=Result.headers)
+
+
+async def _load_or_unload(request: Request, model: str, keep_alive: float | None, chat: bool,
+                          stream: bool) -> Response:
+    service = _service(request)
+    manifest = service.store.get(model)
+    if keep_alive == 0:
+        await service.scheduler.unload(manifest.name)
+        body = translate.load_reply(model, "unload", chat=chat)
+    else:
+        await service.scheduler.load(manifest, keep_alive=keep_alive)
+        body = translate.load_reply(model, "load", chat=chat)
+    if stream:
+        async def one() -> AsyncIterator[bytes]:
+            yield ndjson_line(body)
+
+        return stream_response(one(), NDJSON)
+    return JSONResponse(body)
+
+
+@router.post("/api/chat")
+async def chat(request: Request, body: ChatRequest) -> Response:
+    if not body.model:
+        raise BadRequest("model is required")
+    inf = translate.chat_to_internal(body)
+    stream = body.stream is not False
+    if not inf.messages:
+        return await _load_or_unload(request, body.model, inf.keep_alive, chat=True, stream=stream)
+    return await _run(request, inf, stream, translate.chat_chunk, translate.chat_final)
+
+
+@router.post("/api/generate")
+async def generate(request: Request, body: GenerateRequest) -> Response:
+    if not body.model:
+        raise NotFound("model '' not found")
+    inf = translate.generate_to_internal(body)
+    stream = body.stream is not False
+    if not inf.prompt and not inf.images:
+        return await _load_or_unload(request, body.model, inf.keep_alive, chat=False, stream=stream)
+    return await _run(request, inf, stream, translate.generate_chunk, translate.generate_final)
+
+
+# -- embeddings -----------------------------------------------------------------------
+
+def _normalise(v: list[float]) -> list[float]:
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v] if n > 0 else v
+
+
+@router.post("/api/embed")
+async def embed(request: Request, body: EmbedRequest) -> dict[str, Any]:
+    if not body.model:
+        raise BadRequest("model is required")
+    texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+    if body.dimensions is not None and body.dimensions <= 0:
+        raise BadRequest("dimensions must be a positive integer")
+    out = await _service(request).embed(body.model, texts, keep_alive=translate.keep_alive(body.keep_alive),
+                                        options=check(body.options))
+    vectors = [v[: body.dimensions] for v in out.vectors] if body.dimensions else out.vectors
+    return {"model": body.model, "embeddings": [_normalise(v) for v in vectors],
+            "total_duration": out.total_ns, "load_duration": out.load_ns, "prompt_eval_count": out.prompt_tokens}
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request, body: EmbeddingsRequest) -> dict[str, Any]:
+    if not body.model:
+        raise BadRequest("model is required")
+    if not body.prompt:
+        return {"embedding": []}
+    out = await _service(request).embed(body.model, [body.prompt], keep_alive=translate.keep_alive(body.keep_alive),
+                                        options=check(body.options))
+    return {"embedding": out.vectors[0]}
+
+
+# -- model management -----------------------------------------------------------------
+
+@router.get("/api/tags")
+@router.head("/api/tags", include_in_schema=False)
+async def tags(request: Request) -> dict[str, Any]:
+    return {"models": [translate.tag_entry(m) for m in _service(request).store.list()]}
+
+
+@router.post("/api/show")
+async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
+    if not body.target:
+        raise BadRequest("model is required")
+    out = models.show(_service(request).store, body.target, verbose=bool(body.verbose))
+    runner = _service(request).scheduler.runners.get(ModelName.parse(body.target).display.lower())
+    if runner is not None and runner.info.get("fallbacks"):
+        out.setdefault("kiln", {})["runtime"] = _public_info(runner.info)
+    return out
+
+
+def _public_info(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if not k.startswith("_")}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    out = []
+    for r in _service(request).scheduler.loaded():
+        entry = {"name": r.manifest.name, "model": r.manifest.name, "size": r.size, "digest": r.manifest.digest,
+                 "details": translate.details(r.manifest), "expires_at": r.expires_at_rfc3339,
+                 "size_vram": 0, "context_length": r.spec.num_ctx}
+        # kiln's own fields (clients ignore unknown keys): device, fallbacks, requests in flight
+        entry["kiln"] = {**_public_info(r.info), "backend": r.manifest.backend, "requests": r.refcount,
+                         "num_parallel": r.spec.num_parallel}
+        out.append(entry)
+    return {"models": out}
+
+
+@router.post("/api/copy")
+async def copy(request: Request, body: CopyRequest) -> Response:
+    if not body.source or not body.destination:
+        raise BadRequest("source and destination are required")
+    _service(request).store.copy(body.source, body.destination)
+    return Response(status_code=200)
+
+
+@router.delete("/api/delete")
+async def delete(request: Request, body: ModelRequest) -> Response:
+    if not body.target:
+        raise BadRequest("model is required")
+    service = _service(request)
+    manifest = service.store.get(body.target)
+    await service.scheduler.unload(manifest.name)
+    service.store.delete(body.target)
+    return Response(status_code=200)
+
+
+async def _status_stream(request: Request, statuses: AsyncIterator[dict[str, Any]], stream: bool) -> Response:
+    """Create and pull: NDJSON statuses, or the last one when not streaming. An error
+    before the first status keeps its HTTP status."""
+    try:
+        first = await statuses.__anext__()
+    except StopAsyncIteration:
+        first = {"status": "success"}
+    if not stream:
+        last = first
+        async for last in statuses:
+            pass
+        return JSONResponse(last)
+
+    async def chain() -> AsyncIterator[dict[str, Any]]:
+        yield first
+        async for s in statuses:
+            yield s
+
+    return stream_response(guarded(chain(), ndjson_line, lambda msg: ndjson_line({"error": msg})), NDJSON)
+
+
+@router.post("/api/create")
+async def create(request: Request, body: CreateRequest) -> Response:
+    return await _status_stream(request, models.create(_service(request).store, body), body.stream is not False)
+
+
+@router.post("/api/pull")
+async def pull(request: Request, body: ModelRequest) -> Response:
+    if not body.target:
+        raise BadRequest("model is required")
+    statuses = models.pull(_service(request).store, body.target, insecure=bool(body.insecure))
+    return await _status_stream(request, statuses, body.stream is not False)
+
+
+@router.post("/api/push")
+async def push(body: ModelRequest) -> Response:
+    raise BadRequest("push is not supported: kiln does not publish models to a registry")
+
+
+@router.head("/api/blobs/{digest}")
+async def blob_exists(request: Request, digest: str) -> Response:
+    return Response(status_code=200 if _service(request).store.has_blob(digest) else 404)
+
+
+@router.post("/api/blobs/{digest}", status_code=201)
+async def blob_upload(request: Request, digest: str) -> Response:
+    store = _service(request).store
+    if store.has_blob(digest):
+        return Response(status_code=200)
+    try:
+        with store.blob_writer(digest) as w:
+            async for block in request.stream():
+                await asyncio.to_thread(w.write, block) if len(block) > 1 << 20 else w.write(block)
+    except ValueError as e:
+        raise BadRequest(f"{e} for blob {digest}") from None
+    return Response(status_code=201)

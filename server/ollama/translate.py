@@ -1,0 +1,174 @@
+"""Ollama wire <-> the internal ``Inference``: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from backends.base import Chunk, FinishReason
+from backends.store import Manifest
+from server import options as opts
+from server.errors import BadRequest
+from server.inference import Inference, Result
+from server.ollama.protocol import ChatRequest, GenerateRequest, Message
+from server.scheduler import parse_duration
+
+
+def now() -> str:
+    """RFC 3339 with zone, as Go's time.Time marshals (Open WebUI fromisoformat()s it)."""
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat()
+
+
+def keep_alive(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise BadRequest(f"keep_alive: {e}") from None
+
+
+def check_format(value: Any) -> Any:
+    """``"json"``, a JSON schema object, or unset (``""``/null)."""
+    if value in (None, ""):
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise BadRequest(f'invalid format: {value!r}; use "json" or a JSON schema object')
+
+
+def check_think(value: Any) -> Any:
+    if value is None or isinstance(value, bool) or value in ("low", "medium", "high", "max"):
+        return value
+    raise BadRequest(f'invalid think value {value!r}: use true, false, "low", "medium", "high" or "max"')
+
+
+def message_dict(m: Message) -> dict[str, Any]:
+    d: dict[str, Any] = {"role": m.role.lower(), "content": m.content or ""}
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": tc.id, "type": "function",
+                            "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+                           for tc in m.tool_calls]
+    if m.tool_name:
+        d["tool_name"] = d["name"] = m.tool_name
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    if m.thinking:
+        d["thinking"] = m.thinking
+    return d
+
+
+def chat_to_internal(req: ChatRequest) -> Inference:
+    msgs = req.messages or []
+    for m in msgs:
+        if m.role.lower() not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(f"invalid message role {m.role!r}: use system, user, assistant or tool")
+    images = [img for m in msgs for img in (m.images or [])]
+    return Inference(
+        model=req.model, messages=[message_dict(m) for m in msgs], options=opts.check(req.options),
+        format=check_format(req.format), tools=req.tools or None, think=check_think(req.think),
+        keep_alive=keep_alive(req.keep_alive), images=images or None,
+    )
+
+
+def generate_to_internal(req: GenerateRequest) -> Inference:
+    if req.raw and (req.template or req.system or req.context):
+        raise BadRequest("raw mode does not support template, system, or context")
+    if req.context:
+        raise BadRequest("the deprecated context parameter is not supported: send the conversation "
+                         "with /api/chat instead")
+    return Inference(
+        model=req.model, prompt=req.prompt or "", system=req.system, template=req.template,
+        raw=bool(req.raw), suffix=req.suffix, options=opts.check(req.options),
+        format=check_format(req.format), think=check_think(req.think),
+        keep_alive=keep_alive(req.keep_alive), images=req.images or None,
+    )
+
+
+def done_reason(finish: FinishReason) -> str:
+    return finish.value if finish in (FinishReason.LENGTH, FinishReason.LOOP) else "stop"
+
+
+def metrics(r: Result) -> dict[str, Any]:
+    return {
+        "done_reason": done_reason(r.finish),
+        "total_duration": int(r.total_ns),
+        "load_duration": int(r.load_ns),
+        "prompt_eval_count": r.usage.prompt_tokens,
+        "prompt_eval_duration": int(r.usage.prompt_ns),
+        "eval_count": r.usage.completion_tokens,
+        "eval_duration": int(r.usage.eval_ns),
+    }
+
+
+def chat_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
+    return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": chunk.text},
+            "done": False}
+
+
+def chat_final(model: str, r: Result, content: str = "") -> dict[str, Any]:
+    return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": content},
+            "done": True, **metrics(r)}
+
+
+def generate_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
+    return {"model": model, "created_at": now(), "response": chunk.text, "done": False}
+
+
+def generate_final(model: str, r: Result, response: str = "") -> dict[str, Any]:
+    return {"model": model, "created_at": now(), "response": response, "done": True, **metrics(r)}
+
+
+def load_reply(model: str, kind: str, *, chat: bool) -> dict[str, Any]:
+    """The reply to an empty prompt/messages: ``kind`` is "load" or "unload"."""
+    body: dict[str, Any] = {"model": model, "created_at": now()}
+    if chat:
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    return {**body, "done": True, "done_reason": kind}
+
+
+# -- model management ---------------------------------------------------------------
+
+def details(m: Manifest) -> dict[str, Any]:
+    return {
+        "parent_model": m.parent,
+        "format": m.format,
+        "family": m.family,
+        "families": m.families or ([m.family] if m.family else None),
+        "parameter_size": m.parameter_size,
+        "quantization_level": m.quantization,
+    }
+
+
+def tag_entry(m: Manifest) -> dict[str, Any]:
+    return {"name": m.name, "model": m.name, "modified_at": m.modified.isoformat(), "size": m.size,
+            "digest": m.digest, "details": details(m)}
+
+
+def parameters_text(params: dict[str, Any]) -> str:
+    """Modelfile-style ``key<spaces>value`` lines, strings JSON-quoted (Continue parses them)."""
+    lines = []
+    for key, value in params.items():
+        for v in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<30} {json.dumps(v)}")
+    return "\n".join(lines)
+
+
+def modelfile(m: Manifest) -> str:
+    out = [f"# Modelfile generated by kiln\n# To build a new Modelfile based on this, replace FROM with:\n"
+           f"# FROM {m.name}\n", f"FROM {m.files[0].path if m.files else m.name}"]
+    if m.chat_template:
+        out.append(f'TEMPLATE """{m.chat_template}"""')
+    if m.system:
+        out.append(f'SYSTEM """{m.system}"""')
+    for key, value in m.parameters.items():
+        for v in value if isinstance(value, list) else [value]:
+            out.append(f"PARAMETER {key} {json.dumps(v) if isinstance(v, str) else v}")
+    for msg in m.messages:
+        out.append(f"MESSAGE {msg.get('role')} {msg.get('content')}")
+    if m.license:
+        out.append(f'LICENSE """{m.license}"""')
+    return "\n".join(out) + "\n"

@@ -1,0 +1,261 @@
+"""OpenAI wire <-> the internal ``Inference``: pure functions, no I/O
+(Ollama's openai/openai.go: FromChatRequest, ToChatCompletion, ToChunk...)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from typing import Any
+
+from backends.base import Chunk, FinishReason
+from backends.store import Manifest, ModelName
+from server.errors import BadRequest
+from server.inference import Inference, Result
+from server.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+FINGERPRINT = "fp_kiln"
+
+
+def _range(name: str, value: float | None, lo: float, hi: float) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
+
+
+def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+    """OpenAI sampling fields as Ollama options. OpenAI's defaults differ from
+    Ollama's: temperature and top_p are 1.0 when absent."""
+    _range("temperature", req.temperature, 0, 2)
+    _range("top_p", req.top_p, 0, 1)
+    _range("frequency_penalty", req.frequency_penalty, -2, 2)
+    _range("presence_penalty", req.presence_penalty, -2, 2)
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
+    if req.n not in (None, 1):
+        raise BadRequest("n must be 1: kiln returns one choice per request")
+    if req.logit_bias:
+        raise BadRequest("logit_bias is not supported")
+    if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 63:
+        raise BadRequest("seed is out of range")
+    o: dict[str, Any] = {
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+    }
+    if max_tokens is not None:
+        o["num_predict"] = max_tokens
+    if req.seed is not None:
+        o["seed"] = req.seed
+    if req.stop is not None:
+        o["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+        if len(o["stop"]) > 16:
+            raise BadRequest("stop: at most 16 sequences")
+    if req.frequency_penalty is not None:
+        o["frequency_penalty"] = req.frequency_penalty
+    if req.presence_penalty is not None:
+        o["presence_penalty"] = req.presence_penalty
+    return o
+
+
+def _content(msg: ChatMessage) -> tuple[str, list[str]]:
+    """Text and images of a message whose content may be a list of parts."""
+    if msg.content is None or isinstance(msg.content, str):
+        return msg.content or "", []
+    texts, images = [], []
+    for part in msg.content:
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            images.append(url.get("url", "") if isinstance(url, dict) else str(url))
+        else:
+            raise BadRequest(f"unsupported content part type {kind!r}")
+    return "\n".join(texts), images
+
+
+def _message(msg: ChatMessage) -> tuple[dict[str, Any], list[str]]:
+    role = msg.role.lower()
+    if role == "developer":
+        role = "system"
+    if role not in ("system", "user", "assistant", "tool"):
+        raise BadRequest(f"invalid role {msg.role!r}")
+    text, images = _content(msg)
+    d: dict[str, Any] = {"role": role, "content": text}
+    if msg.tool_calls:
+        calls = []
+        for tc in msg.tool_calls:
+            fn = tc.get("function") or {}
+            args = fn.get("arguments") or "{}"
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                raise BadRequest(f"tool call arguments are not valid JSON: {args!r}") from None
+            calls.append({"id": tc.get("id"), "type": "function",
+                          "function": {"name": fn.get("name", ""), "arguments": args}})
+        d["tool_calls"] = calls
+    if msg.tool_call_id:
+        d["tool_call_id"] = msg.tool_call_id
+    if msg.name:
+        d["name"] = msg.name
+    if msg.reasoning_content:
+        d["thinking"] = msg.reasoning_content
+    return d, images
+
+
+def response_format(rf: dict[str, Any] | None) -> Any:
+    if not rf:
+        return None
+    kind = rf.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise BadRequest(f"unsupported response_format type {kind!r}")
+
+
+def chat_to_internal(req: ChatCompletionRequest) -> Inference:
+    if not req.model:
+        raise BadRequest("you must provide a model parameter")
+    if not req.messages:
+        raise BadRequest("messages must contain at least one message")
+    if req.logprobs:
+        raise BadRequest("logprobs is not supported")
+    messages, images = [], []
+    for m in req.messages:
+        d, imgs = _message(m)
+        messages.append(d)
+        images += imgs
+    think = None
+    if req.reasoning_effort:
+        think = {"minimal": False, "none": False}.get(req.reasoning_effort, req.reasoning_effort)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return Inference(model=req.model, messages=messages, options=_options(req, max_tokens),
+                     format=response_format(req.response_format), tools=req.tools or None,
+                     think=think, images=images or None)
+
+
+def completion_to_internal(req: CompletionRequest) -> Inference:
+    if not req.model:
+        raise BadRequest("you must provide a model parameter")
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise BadRequest("prompt must be a string or a list of exactly one string")
+        prompt = prompt[0]
+    if req.echo:
+        raise BadRequest("echo is not supported")
+    if req.best_of not in (None, 1):
+        raise BadRequest("best_of must be 1")
+    if req.logprobs:
+        raise BadRequest("logprobs is not supported")
+    return Inference(model=req.model, prompt=prompt or "", raw=True, suffix=req.suffix,
+                     options=_options(req, req.max_tokens))
+
+
+def finish_reason(finish: FinishReason) -> str:
+    return "length" if finish == FinishReason.LENGTH else "stop"
+
+
+def usage(r: Result) -> dict[str, Any]:
+    u = r.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason(r.finish), "logprobs": None}],
+            "usage": usage(r)}
+
+
+class _Stream:
+    """Builds the SSE chunks of one streamed completion."""
+
+    prefix = object_type = ""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id, self.model, self.include_usage = new_id(self.prefix), model, include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        out = {"id": self.id, "object": self.object_type, "created": self.created, "model": self.model,
+               "system_fingerprint": FINGERPRINT, "choices": choices, **extra}
+        if self.include_usage and "usage" not in out:
+            out["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
+        return out
+
+    def _choice(self, **fields: Any) -> dict[str, Any]:
+        return {"index": 0, **fields, "logprobs": None}
+
+    def finish(self, r: Result) -> list[dict[str, Any]]:
+        out = [self._chunk([self._finish_choice(finish_reason(r.finish))])]
+        if self.include_usage:
+            out.append(self._chunk([], usage=usage(r)))
+        return out
+
+    def _finish_choice(self, reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChatStream(_Stream):
+    prefix, object_type = "chatcmpl", "chat.completion.chunk"
+
+    def role(self) -> dict[str, Any]:
+        return self._chunk([self._choice(delta={"role": "assistant", "content": ""}, finish_reason=None)])
+
+    def content(self, chunk: Chunk) -> dict[str, Any]:
+        return self._chunk([self._choice(delta={"content": chunk.text}, finish_reason=None)])
+
+    def _finish_choice(self, reason: str) -> dict[str, Any]:
+        return self._choice(delta={}, finish_reason=reason)
+
+
+def completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(r.finish)}],
+            "usage": usage(r)}
+
+
+class CompletionStream(_Stream):
+    prefix, object_type = "cmpl", "text_completion"
+
+    def content(self, chunk: Chunk) -> dict[str, Any]:
+        return self._chunk([self._choice(text=chunk.text, finish_reason=None)])
+
+    def _finish_choice(self, reason: str) -> dict[str, Any]:
+        return self._choice(text="", finish_reason=reason)
+
+
+def embedding_input(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadRequest("input must be a string or a list of strings (token arrays are not supported)")
+
+
+def encode_embedding(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def model_entry(m: Manifest) -> dict[str, Any]:
+    ns = ModelName.parse(m.name).namespace
+    return {"id": m.name, "object": "model", "created": int(m.modified.timestamp()),
+            "owned_by": "library" if ns == "library" else ns}

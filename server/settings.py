@@ -1,0 +1,180 @@
+"""Every setting, declared once. The only module that reads the environment.
+
+Each setting comes from, in order of precedence: a ``KILN_*`` variable, Ollama's
+variable of the same meaning (``OLLAMA_HOST``, ``OLLAMA_MODELS``, ...), the TOML file
+named by ``KILN_CONFIG`` (default ``~/.config/kiln/config.toml``), or its default.
+``kiln config`` prints the effective values and where each came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
+def _config_path() -> Path:
+    env = os.environ.get("KILN_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kiln" / "config.toml"
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(populate_by_name=True, extra="ignore", case_sensitive=False)
+
+    host: str = Field(
+        "127.0.0.1:11434", validation_alias=_env("KILN_HOST", "OLLAMA_HOST"),
+        description="Address to listen on, in OLLAMA_HOST syntax: host, host:port, :port or scheme://host:port.")
+    models: Path = Field(
+        default_factory=lambda: _data_home() / "kiln" / "models",
+        validation_alias=_env("KILN_MODELS", "OLLAMA_MODELS"),
+        description="The model store directory.")
+    keep_alive: str = Field(
+        "5m", validation_alias=_env("KILN_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"),
+        description="How long an idle model stays loaded (Go duration or seconds; negative = forever).")
+    num_parallel: int = Field(
+        0, ge=0, le=64, validation_alias=_env("KILN_NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"),
+        description="Requests a model serves at once (0 = sized to cores and memory).")
+    max_queue: int = Field(
+        512, ge=1, validation_alias=_env("KILN_MAX_QUEUE", "OLLAMA_MAX_QUEUE"),
+        description="Requests that may wait per model before new ones get 503.")
+    max_loaded_models: int = Field(
+        0, ge=0, validation_alias=_env("KILN_MAX_LOADED_MODELS", "OLLAMA_MAX_LOADED_MODELS"),
+        description="Models loaded at once (0 = 3).")
+    context_length: int = Field(
+        4096, ge=0, validation_alias=_env("KILN_CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"),
+        description="Default context per request (num_ctx) when a request sets none; capped by the model's trained context.")
+    memory_budget: int = Field(
+        0, ge=0, validation_alias=_env("KILN_MEMORY_BUDGET"),
+        description="Bytes all loaded models may use (0 = 75% of physical memory).")
+    origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("KILN_ORIGINS", "OLLAMA_ORIGINS"),
+        description="Extra CORS origins, comma-separated, added to the localhost ones.")
+    default_model: str = Field(
+        "smollm2:135m", validation_alias=_env("KILN_DEFAULT_MODEL"),
+        description="The model `kiln run` uses when none is named.")
+    threads: int = Field(
+        0, ge=0, validation_alias=_env("KILN_THREADS"),
+        description="CPU threads per model (0 = all cores).")
+    load_timeout: float = Field(
+        300.0, gt=0, validation_alias=_env("KILN_LOAD_TIMEOUT", "OLLAMA_LOAD_TIMEOUT"),
+        description="Seconds a model may take to load.")
+    log_level: str = Field(
+        "info", validation_alias=_env("KILN_LOG_LEVEL"), description="debug, info, warning or error.")
+
+    @field_validator("origins", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+    # -- derived --------------------------------------------------------------
+    @property
+    def bind(self) -> tuple[str, int]:
+        return parse_host(self.host)
+
+    @property
+    def loaded_models_limit(self) -> int:
+        return self.max_loaded_models or 3
+
+    @property
+    def memory_limit(self) -> int:
+        if self.memory_budget:
+            return self.memory_budget
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75)
+        except (ValueError, OSError):
+            return 8 << 30
+
+    @property
+    def is_loopback(self) -> bool:
+        host = self.bind[0]
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Settings from the TOML file; keys are the setting names (``host = "..."``)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = _config_path()
+        try:
+            self.data = tomllib.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from e
+        self.data = self.data.get("kiln", self.data)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+
+
+def parse_host(value: str) -> tuple[str, int]:
+    """OLLAMA_HOST syntax (envconfig.Host): ``[scheme://]host[:port][/path]``.
+    The default port is 11434 without a scheme, 80 for http://, 443 for https://."""
+    s = value.strip()
+    port = 11434
+    if "://" in s:
+        scheme, s = s.split("://", 1)
+        port = {"http": 80, "https": 443}.get(scheme.lower(), 11434)
+    s = s.split("/", 1)[0]
+    host = s
+    if s.startswith("["):  # [::1]:port
+        end = s.find("]")
+        host, rest = s[1:end], s[end + 1 :]
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    elif s.count(":") == 1:
+        host, p = s.split(":")
+        if p.isdigit() and 0 <= int(p) <= 65535:
+            port = int(p)
+    return host or "127.0.0.1", port
+
+
+def setting_sources(settings: Settings) -> dict[str, tuple[Any, str]]:
+    """Each setting's effective value and where it came from (for ``kiln config``)."""
+    out: dict[str, tuple[Any, str]] = {}
+    toml = _TomlSource(Settings).data
+    for name, field in Settings.model_fields.items():
+        source = "default"
+        alias = field.validation_alias
+        names = [n for n in getattr(alias, "choices", []) if isinstance(n, str) and n.isupper()]
+        for env in names:
+            if env in os.environ:
+                source = f"env {env}"
+                break
+        else:
+            if name in toml:
+                source = f"file {_config_path()}"
+        out[name] = (getattr(settings, name), source)
+    return out

@@ -1,0 +1,131 @@
+"""Wire framing for streams: NDJSON (Ollama) and SSE (OpenAI), in-stream errors, and
+the one response helper both dialects use.
+
+Once the status line is sent, an error can only travel inside the stream: an
+``{"error": ...}`` line for NDJSON, an error event followed by ``[DONE]`` for SSE.
+A client that goes away cancels the body iterator at once (Starlette listens for
+``http.disconnect`` while it streams), which closes the engine's stream and frees
+the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from backends.base import Chunk
+from server.errors import classify
+
+log = logging.getLogger("kiln.streaming")
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def ndjson_line(obj: Any) -> bytes:
+    return (dumps(obj) + "\n").encode()
+
+
+def sse_event(obj: Any) -> bytes:
+    return f"data: {dumps(obj)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def stream_response(body: AsyncIterator[bytes], media_type: str,
+                    headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(body, media_type=media_type, headers={**_STREAM_HEADERS, **(headers or {})})
+
+
+async def guarded(items: AsyncIterator[Any], encode: Callable[[Any], bytes | None],
+                  on_error: Callable[[str], bytes]) -> AsyncIterator[bytes]:
+    """Encodes items; an exception after the first byte becomes an in-stream error."""
+    try:
+        async for item in items:
+            data = encode(item)
+            if data:
+                yield data
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported to the client inside the stream
+        _, message, _ = classify(e)
+        log.warning("stream ended with an error: %s", message)
+        yield on_error(message)
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def with_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Runs a non-streaming handler's work, cancelling it if the client hangs up
+    (vLLM's ``with_cancellation``: polling ``is_disconnected`` misses it under load)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001
+        pass
+    return JSONResponse({"error": "client disconnected"}, status_code=499)
+
+
+async def respond(request: Request, items: AsyncIterator[Any], *, stream: bool, media_type: str,
+                  encode: Callable[[Any], bytes | None], on_error: Callable[[str], bytes],
+                  whole: Callable[[str, Any], dict[str, Any]], ready: Any,
+                  headers: Callable[[Any], dict[str, str]] | None = None) -> Response:
+    """The response for a primed generation: ``items`` yields ``ready`` first (once
+    the request holds a slot, so errors until then keep their status code), then
+    ``Chunk``s and a final result. Streams with ``encode``, or answers one JSON body
+    built by ``whole(text, result)``."""
+    first = await with_disconnect(request, items.__anext__())
+    if first is not ready:
+        return first  # the client went away while waiting
+    if stream:
+        return stream_response(guarded(items, encode, on_error), media_type)
+
+    async def collect() -> tuple[str, Any]:
+        parts: list[str] = []
+        async for item in items:
+            if isinstance(item, Chunk):
+                parts.append(item.text)
+            else:
+                return "".join(parts), item
+        raise RuntimeError("generation ended without a result")
+
+    try:
+        out = await with_disconnect(request, collect())
+    finally:
+        await items.aclose()
+    if isinstance(out, Response):
+        return out
+    text, result = out
+    return JSONResponse(whole(text, result), headers=headers(result) if headers else None)

