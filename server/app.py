@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -19,8 +20,12 @@ from backends.base import BackendError, InvalidRequest
 from backends.store import InvalidName, ModelNotFound, ModelStore
 from server.errors import KilnError, classify
 from server.inference import Service
+from server.metrics import Metrics
+from server.middleware import Gatekeeper
 from server.ollama.routes import router as ollama_router
 from server.openai.routes import router as openai_router
+from server.ops import Lifecycle
+from server.ops import router as ops_router
 from server.scheduler import BackendFactory, Scheduler
 from server.routing import error_response as _error
 from server.settings import Settings
@@ -74,8 +79,21 @@ def cors_origin_regex(extra: list[str]) -> str:
     return "^(" + "|".join(base) + ")$"
 
 
+def check_exposure(settings: Settings) -> None:
+    """Keyless Ollama servers on public addresses number in the hundreds of thousands;
+    kiln refuses to become one."""
+    if not settings.is_loopback and not settings.keys and not settings.insecure_no_auth:
+        host = settings.bind[0]
+        raise ValueError(f"refusing to listen on {host} without an API key: set KILN_API_KEY (clients then send "
+                         f"Authorization: Bearer <key>), or KILN_INSECURE_NO_AUTH=1 if a proxy in front "
+                         f"authenticates")
+
+
 def create_app(settings: Settings | None = None, backend_factory: BackendFactory | None = None) -> FastAPI:
     settings = settings or Settings()
+    check_exposure(settings)
+    metrics = Metrics()
+    lifecycle = Lifecycle(settings.shutdown_grace)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,10 +101,14 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         for name in models.seed_bundled(store):
             log.info("registered bundled model %s", name)
         scheduler = Scheduler(settings, store, backend_factory)
+        scheduler.on_event = lambda event, runner, seconds: metrics.on_model(event, runner.manifest.name, seconds)
         app.state.settings = settings
         app.state.store = store
         app.state.scheduler = scheduler
-        app.state.service = Service(settings, store, scheduler)
+        app.state.service = Service(settings, store, scheduler, metrics)
+        app.state.ready = True
+        lifecycle.loop = asyncio.get_running_loop()
+        lifecycle.on_drain.append(lambda: setattr(app.state.service, "draining", True))
         try:
             yield
         finally:
@@ -94,9 +116,13 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
 
     app = FastAPI(title="kiln", version=__version__.VERSION, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible local inference server.")
+    app.state.lifecycle = lifecycle
     app.include_router(ollama_router)
     app.include_router(openai_router)
+    app.include_router(ops_router)
     _install_error_handlers(app)
+    app.add_middleware(Gatekeeper, api_keys=settings.keys, max_body=settings.max_body_bytes,
+                       metrics=metrics, log_format=settings.log_format)
     app.add_middleware(
         CORSMiddleware, allow_origin_regex=cors_origin_regex(settings.origins), allow_credentials=False,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],

@@ -101,16 +101,28 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     import uvicorn
 
-    from server.app import create_app
+    from server.app import check_exposure, create_app
 
     if args.host:
         settings = settings.model_copy(update={"host": args.host})
     if args.models:
         settings = settings.model_copy(update={"models": Path(args.models)})
+    try:
+        check_exposure(settings)
+    except ValueError as e:
+        raise CLIError(f"Error: {e}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = settings.bind
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.lifecycle.begin_drain()  # readiness goes 503; new generations are refused
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace) + 5)
+    Server(config).run()
     return 0
 
 

@@ -18,7 +18,8 @@ from typing import Any
 from backends.base import BackendError, Chunk, FinishReason, GenerationRequest, Usage
 from backends.store import Manifest, ModelStore
 from server import prompt as templates
-from server.errors import BadRequest
+from server.errors import BadRequest, Unavailable
+from server.metrics import Metrics
 from server.options import resolve
 from server.scheduler import Runner, Scheduler
 from server.settings import Settings
@@ -45,6 +46,7 @@ class Inference:
     think: Any = None
     keep_alive: float | None = None  # seconds; None = the model's current/default
     images: list[str] | None = None
+    trace: dict[str, Any] | None = None  # filled for the access log (model, tokens, ttft)
 
 
 @dataclass
@@ -85,10 +87,13 @@ class Prepared:
 
 
 class Service:
-    def __init__(self, settings: Settings, store: ModelStore, scheduler: Scheduler) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, scheduler: Scheduler,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
+        self.metrics = metrics or Metrics()
+        self.draining = False
 
     # -- building the engine request -------------------------------------------------
     def prepare(self, inf: Inference) -> Prepared:
@@ -137,20 +142,51 @@ class Service:
     async def stream(self, inf: Inference) -> AsyncIterator[Any]:
         """Yields ``READY`` once the request holds a slot, then ``Chunk``s, then a ``Result``."""
         t0 = time.monotonic_ns()
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        trace = inf.trace if inf.trace is not None else {}
+        trace["model"] = inf.model
         p = self.prepare(inf)
+        name = p.manifest.name
         async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
             runner = lease.runner
             await self._check_context(runner, p)
+            if self.settings.log_content:
+                log.info("prompt %s: %r", trace.get("request_id", ""), p.request.prompt)
             yield READY
             usage, finish, detail = Usage(), FinishReason.STOP, None
-            async for chunk in runner.backend.stream(p.request):
-                if chunk.finish_reason is None:
-                    yield chunk
-                    continue
-                if chunk.text:
-                    yield Chunk(text=chunk.text, n_tokens=chunk.n_tokens)
-                usage, finish, detail = chunk.usage or usage, chunk.finish_reason, chunk.detail
+            last = 0
+            text: list[str] = []
+            try:
+                async for chunk in runner.backend.stream(p.request):
+                    if chunk.text:
+                        now = time.monotonic_ns()
+                        if last:
+                            self.metrics.itl.labels(name).observe((now - last) / 1e9)
+                        else:
+                            trace["ttft_ms"] = round((now - t0) / 1e6, 1)
+                            self.metrics.ttft.labels(name).observe((now - t0) / 1e9)
+                        last = now
+                        if self.settings.log_content:
+                            text.append(chunk.text)
+                    if chunk.finish_reason is None:
+                        yield chunk
+                        continue
+                    if chunk.text:
+                        yield Chunk(text=chunk.text, n_tokens=chunk.n_tokens)
+                    usage, finish, detail = chunk.usage or usage, chunk.finish_reason, chunk.detail
+            except BaseException as e:
+                trace["error"] = type(e).__name__ if isinstance(e, Exception) else "cancelled"
+                if isinstance(e, Exception):
+                    self.metrics.stream_errors.labels(name).inc()
+                raise
+            trace.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                         cached_tokens=usage.cached_tokens, done_reason=finish.value)
+            self.metrics.on_result(name, usage, finish)
+            if self.settings.log_content:
+                log.info("output %s: %r", trace.get("request_id", ""), "".join(text))
             if finish == FinishReason.ERROR:
+                self.metrics.stream_errors.labels(name).inc()
                 raise BackendError(detail or "generation failed")
             yield Result(finish, usage, time.monotonic_ns() - t0, lease.load_ns, detail, p.notes)
 

@@ -52,3 +52,8 @@ def error_response(request: Request, status: int, message: str, headers: dict[st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+
+
+def trace(request: Request) -> dict[str, Any]:
+    """The per-request annotations the access log and metrics read (see middleware.py)."""
+    return request.scope.setdefault("state", {})

@@ -73,10 +73,32 @@ class Settings(BaseSettings):
     load_timeout: float = Field(
         300.0, gt=0, validation_alias=_env("KILN_LOAD_TIMEOUT", "OLLAMA_LOAD_TIMEOUT"),
         description="Seconds a model may take to load.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("KILN_API_KEYS", "KILN_API_KEY"),
+        description="API keys (comma-separated); when set, every request but liveness needs "
+                    "Authorization: Bearer <key>.")
+    api_keys_file: Path | None = Field(
+        None, validation_alias=_env("KILN_API_KEYS_FILE"),
+        description="A file of API keys, one per line (a Docker or systemd secret).")
+    insecure_no_auth: bool = Field(
+        False, validation_alias=_env("KILN_INSECURE_NO_AUTH"),
+        description="Allow listening beyond loopback without an API key (only behind an authenticating proxy).")
+    max_body_bytes: int = Field(
+        32 << 20, ge=0, validation_alias=_env("KILN_MAX_BODY_BYTES"),
+        description="Largest request body accepted (model uploads to /api/blobs excepted); 0 = no limit.")
+    log_format: str = Field(
+        "text", pattern="^(text|json)$", validation_alias=_env("KILN_LOG_FORMAT"),
+        description="Access log format: text or json.")
+    log_content: bool = Field(
+        False, validation_alias=_env("KILN_LOG_CONTENT"),
+        description="Log prompts and outputs (off: they are private).")
+    shutdown_grace: float = Field(
+        20.0, ge=0, validation_alias=_env("KILN_SHUTDOWN_GRACE"),
+        description="Seconds running streams may take to finish after SIGTERM.")
     log_level: str = Field(
         "info", validation_alias=_env("KILN_LOG_LEVEL"), description="debug, info, warning or error.")
 
-    @field_validator("origins", mode="before")
+    @field_validator("origins", "api_keys", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -108,6 +130,17 @@ class Settings(BaseSettings):
             return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75)
         except (ValueError, OSError):
             return 8 << 30
+
+    @property
+    def keys(self) -> list[str]:
+        """The API keys from the environment, the file and the secret file together."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                keys += [ln.strip() for ln in self.api_keys_file.read_text().splitlines() if ln.strip()]
+            except OSError as e:
+                raise ValueError(f"cannot read KILN_API_KEYS_FILE {self.api_keys_file}: {e.strerror}") from e
+        return keys
 
     @property
     def is_loopback(self) -> bool:

@@ -44,16 +44,25 @@ def sse_event(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def shutdown_event(request: Request) -> asyncio.Event | None:
+    lifecycle = getattr(request.app.state, "lifecycle", None)
+    return lifecycle.stop if lifecycle is not None else None
+
+
 def stream_response(body: AsyncIterator[bytes], media_type: str,
                     headers: dict[str, str] | None = None) -> StreamingResponse:
     return StreamingResponse(body, media_type=media_type, headers={**_STREAM_HEADERS, **(headers or {})})
 
 
 async def guarded(items: AsyncIterator[Any], encode: Callable[[Any], bytes | None],
-                  on_error: Callable[[str], bytes]) -> AsyncIterator[bytes]:
-    """Encodes items; an exception after the first byte becomes an in-stream error."""
+                  on_error: Callable[[str], bytes], stop: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    """Encodes items; an exception after the first byte becomes an in-stream error, and
+    so does a shutdown whose grace period ran out (``stop``)."""
     try:
         async for item in items:
+            if stop is not None and stop.is_set():
+                yield on_error("the server is shutting down; the stream was ended")
+                return
             data = encode(item)
             if data:
                 yield data
@@ -110,7 +119,7 @@ async def respond(request: Request, items: AsyncIterator[Any], *, stream: bool, 
     if first is not ready:
         return first  # the client went away while waiting
     if stream:
-        return stream_response(guarded(items, encode, on_error), media_type)
+        return stream_response(guarded(items, encode, on_error, shutdown_event(request)), media_type)
 
     async def collect() -> tuple[str, Any]:
         parts: list[str] = []

@@ -26,7 +26,7 @@ from server.ollama.protocol import (
     GenerateRequest,
     ModelRequest,
 )
-from server.routing import JSONBodyRoute
+from server.routing import JSONBodyRoute, trace
 from server.streaming import NDJSON, guarded, ndjson_line, respond, stream_response
 
 router = APIRouter(route_class=JSONBodyRoute)
@@ -51,6 +51,7 @@ async def version() -> dict[str, str]:
 # -- generation ---------------------------------------------------------------------
 
 async def _run(request: Request, inf: Inference, stream: bool, chunk_fn: Any, final_fn: Any) -> Response:
+    inf.trace = trace(request)
     def encode(item: Any) -> bytes | None:
         if isinstance(item, Chunk):
             return ndjson_line(chunk_fn(inf.model, item)) if item.text else None
@@ -114,7 +115,8 @@ def _normalise(v: list[float]) -> list[float]:
 async def embed(request: Request, body: EmbedRequest) -> dict[str, Any]:
     if not body.model:
         raise BadRequest("model is required")
-    texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+    # Ollama: an empty string is no input at all (embeddings: []), like an empty list
+    texts = ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input or [])
     if body.dimensions is not None and body.dimensions <= 0:
         raise BadRequest("dimensions must be a positive integer")
     out = await _service(request).embed(body.model, texts, keep_alive=translate.keep_alive(body.keep_alive),
@@ -128,6 +130,7 @@ async def embed(request: Request, body: EmbedRequest) -> dict[str, Any]:
 async def embeddings(request: Request, body: EmbeddingsRequest) -> dict[str, Any]:
     if not body.model:
         raise BadRequest("model is required")
+    trace(request)["model"] = body.model
     if not body.prompt:
         return {"embedding": []}
     out = await _service(request).embed(body.model, [body.prompt], keep_alive=translate.keep_alive(body.keep_alive),

@@ -12,7 +12,7 @@ from server.errors import BadRequest
 from server.inference import READY, Result, Service
 from server.openai import translate
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from server.routing import JSONBodyRoute
+from server.routing import JSONBodyRoute, trace
 from server.streaming import SSE, SSE_DONE, respond, sse_event
 
 router = APIRouter(prefix="/v1", route_class=JSONBodyRoute)
@@ -31,6 +31,7 @@ def _sse_error(message: str) -> bytes:
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     inf = translate.chat_to_internal(body)
+    inf.trace = trace(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.ChatStream(body.model, include_usage)
     started = False
@@ -55,6 +56,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
     inf = translate.completion_to_internal(body)
+    inf.trace = trace(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.CompletionStream(body.model, include_usage)
 
@@ -79,6 +81,7 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> dict[str, Any]
         raise BadRequest(f"encoding_format must be 'float' or 'base64', got {encoding!r}")
     if body.dimensions is not None and body.dimensions <= 0:
         raise BadRequest("dimensions must be a positive integer")
+    trace(request)["model"] = body.model
     texts = translate.embedding_input(body.input)
     if not texts or any(not t for t in texts):
         raise BadRequest("input must not be empty")

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own llama-server from the llama.cpp sources vendored in the
+# llama-cpp-python sdist kiln already pins, so the bench compares kiln with the very
+# same llama.cpp revision. Everything goes to a cache outside the repo (never commit
+# a binary or an sdist); a second run finds the binary and does nothing.
+#
+#   bench/build_llama_server.sh            # prints the path of llama-server
+#   KILN_BENCH_CACHE=/tmp/kb bench/build_llama_server.sh
+#
+# Needs pip (to fetch the sdist from PyPI), CMake and a C/C++ compiler. About 5-10
+# minutes on two cores the first time.
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+CACHE="${KILN_BENCH_CACHE:-$HOME/.cache/kiln-bench}"
+PYTHON="${PYTHON:-python3}"
+JOBS="${JOBS:-2}"
+SRC="$CACHE/llama_cpp_python-$VERSION"  # the sdist's top directory
+BUILD="$CACHE/build-llama-server-$VERSION"
+BIN="$BUILD/bin/llama-server"
+
+if [[ -x "$BIN" ]]; then
+    echo "$BIN"
+    exit 0
+fi
+
+mkdir -p "$CACHE/sdist"
+if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
+    # --no-binary: the sdist carries vendor/llama.cpp; a wheel would not.
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$VERSION" -d "$CACHE/sdist" >&2
+    tar -xzf "$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz" -C "$CACHE"
+fi
+
+# GGML_NATIVE: the same -march=native as the llama-cpp-python wheel pip built here,
+# so both sides use the same SIMD kernels. LLAMA_CURL=OFF: no network code needed
+# (and no libcurl headers on the build machine). Tests/examples off: only the server.
+cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON \
+    -DLLAMA_CURL=OFF \
+    -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_SERVER=ON \
+    -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DBUILD_SHARED_LIBS=OFF >&2
+cmake --build "$BUILD" --target llama-server -j "$JOBS" >&2
+echo "$BIN"
