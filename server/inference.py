@@ -20,13 +20,25 @@ from backends.store import Manifest, ModelStore
 from server import prompt as templates
 from server.errors import BadRequest, Unavailable
 from server.metrics import Metrics
-from server.options import resolve
+from server import tools
+from server.guard import LoopGuard
+from server.options import check, resolve
+from server.policy import Policy, apply, merge
 from server.scheduler import Runner, Scheduler
 from server.settings import Settings
+from server.tools import ToolCall, ToolStream
 
 log = logging.getLogger("kiln.inference")
 
-READY = object()  # the primed generator's first item
+@dataclass
+class Ready:
+    """The primed generator's first item: the request holds a slot; ``notes`` say
+    what policy changed (sent as the ``X-Kiln-Adjusted`` header)."""
+
+    notes: list[str]
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Kiln-Adjusted": "; ".join(self.notes)} if self.notes else {}
 
 
 @dataclass
@@ -43,6 +55,7 @@ class Inference:
     options: dict[str, Any] = field(default_factory=dict)  # checked Ollama options
     format: Any = None  # "json" or a JSON schema
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # "auto", "none", "required" or {"function": {"name": ...}}
     think: Any = None
     keep_alive: float | None = None  # seconds; None = the model's current/default
     images: list[str] | None = None
@@ -58,15 +71,13 @@ class Result:
     total_ns: int
     load_ns: int
     detail: str | None = None
-    notes: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def headers(self) -> dict[str, str]:
-        """What was changed or why it stopped, for a non-streamed response."""
-        out = {}
-        if self.notes:
-            out["X-Kiln-Notice"] = "; ".join(self.notes)
+        """Why it stopped, for a response sent after the generation ended."""
+        out = {"X-Kiln-Finish-Reason": self.finish.value}
         if self.detail:
-            out["X-Kiln-Finish-Detail"] = self.detail
+            out["X-Kiln-Finish-Detail"] = self.detail.encode("ascii", "replace").decode()
         return out
 
 
@@ -81,9 +92,12 @@ class Embedded:
 @dataclass
 class Prepared:
     manifest: Manifest
+    inference: Inference
     request: GenerationRequest
     num_ctx: int | None
+    policy: Policy
     notes: list[str]
+    tool_stream: ToolStream | None = None
 
 
 class Service:
@@ -109,14 +123,36 @@ class Service:
             raise BadRequest(f'"{inf.model}" does not support insert')
         if "completion" not in caps:
             raise BadRequest(f'"{inf.model}" does not support generate')
-        resolved = resolve(m.parameters, inf.options)
-        text = self.render(m, inf)
-        req = GenerationRequest(prompt=text, sampling=resolved.sampling)
+        try:
+            policy = merge(self.settings.policy, m.policy)
+        except ValueError as e:
+            raise BadRequest(f"invalid generation policy for {m.name}: {e}") from None
+        options, notes = apply(policy, {**check(m.parameters, where="model parameters"), **inf.options})
+        resolved = resolve({}, options)
+        fns, forced = self._tools(inf)
+        req = GenerationRequest(prompt=self.render(m, inf, fns), sampling=resolved.sampling)
         if inf.format is not None:
+            if forced:
+                raise BadRequest("format cannot be combined with a required tool_choice")
             req.json_schema = {"type": "object"} if inf.format == "json" else inf.format
-        return Prepared(m, req, resolved.num_ctx, [])
+        stream = None
+        if fns:
+            stream = ToolStream(fns, forced=bool(forced))
+            if forced:
+                req.json_schema = tools.call_schema(forced)
+        return Prepared(m, inf, req, resolved.num_ctx, policy, notes, stream)
 
-    def render(self, m: Manifest, inf: Inference) -> str:
+    @staticmethod
+    def _tools(inf: Inference) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+        """The functions offered, and those a call is forced to (tool_choice)."""
+        if not inf.tools:
+            return None, None
+        forced = tools.choose(inf.tools, inf.tool_choice)
+        if forced == []:  # tool_choice "none"
+            return None, None
+        return tools.functions(inf.tools), forced
+
+    def render(self, m: Manifest, inf: Inference, fns: list[dict[str, Any]] | None = None) -> str:
         if inf.raw:
             return inf.prompt or ""
         system = inf.system if inf.system is not None else m.system
@@ -129,7 +165,16 @@ class Service:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
             messages.append({"role": "user", "content": inf.prompt or ""})
-        text = templates.render(inf.template or m.chat_template, messages, tools=inf.tools or None,
+        template = inf.template or m.chat_template
+        native = bool(fns) and templates.supports(template, "tools")
+        if fns and not native:
+            messages = tools.history_for_template(messages)
+            instructions = tools.system_prompt(fns)
+            if messages and messages[0].get("role") == "system":
+                messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{instructions}"}
+            else:
+                messages.insert(0, {"role": "system", "content": instructions})
+        text = templates.render(template, messages, tools=inf.tools if native else None,
                                 bos_token=m.bos_token, eos_token=m.eos_token,
                                 extra={"enable_thinking": bool(inf.think)} if inf.think is not None else None)
         # The tokenizer adds BOS itself when the model asks for it; a template that
@@ -140,7 +185,7 @@ class Service:
 
     # -- running it --------------------------------------------------------------------
     async def stream(self, inf: Inference) -> AsyncIterator[Any]:
-        """Yields ``READY`` once the request holds a slot, then ``Chunk``s, then a ``Result``."""
+        """Yields ``Ready`` once the request holds a slot, then ``Chunk``s, then a ``Result``."""
         t0 = time.monotonic_ns()
         if self.draining:
             raise Unavailable("the server is shutting down")
@@ -150,36 +195,55 @@ class Service:
         name = p.manifest.name
         async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
             runner = lease.runner
-            await self._check_context(runner, p)
+            n_prompt = await self._fit_context(runner, p)
             if self.settings.log_content:
                 log.info("prompt %s: %r", trace.get("request_id", ""), p.request.prompt)
-            yield READY
-            usage, finish, detail = Usage(), FinishReason.STOP, None
-            last = 0
+            yield Ready(p.notes)
+            usage, finish, detail = Usage(prompt_tokens=n_prompt), FinishReason.STOP, None
+            last = first = n_out = 0
+            t_gen = time.monotonic_ns()
             text: list[str] = []
+            guard = LoopGuard(p.policy.guard_config())
             try:
                 async for chunk in runner.backend.stream(p.request):
+                    n_out += chunk.n_tokens
+                    if chunk.text and guard.feed(chunk.text):
+                        # Closing the engine's stream (leaving the loop) cancels it at once.
+                        finish, detail = FinishReason.LOOP, f"loop guard: {guard.reason}"
+                        now = time.monotonic_ns()
+                        usage.completion_tokens = n_out
+                        usage.prompt_ns, usage.eval_ns = (first or now) - t_gen, now - (first or now)
+                        out = p.tool_stream.feed(chunk.text) if p.tool_stream else chunk.text
+                        yield Chunk(text=out, n_tokens=chunk.n_tokens)
+                        log.warning("%s: stopped by the loop guard: %s", name, guard.reason)
+                        break
                     if chunk.text:
                         now = time.monotonic_ns()
                         if last:
                             self.metrics.itl.labels(name).observe((now - last) / 1e9)
                         else:
+                            first = now
                             trace["ttft_ms"] = round((now - t0) / 1e6, 1)
                             self.metrics.ttft.labels(name).observe((now - t0) / 1e9)
                         last = now
                         if self.settings.log_content:
                             text.append(chunk.text)
-                    if chunk.finish_reason is None:
-                        yield chunk
-                        continue
-                    if chunk.text:
-                        yield Chunk(text=chunk.text, n_tokens=chunk.n_tokens)
-                    usage, finish, detail = chunk.usage or usage, chunk.finish_reason, chunk.detail
+                    out = p.tool_stream.feed(chunk.text) if p.tool_stream else chunk.text
+                    if out or chunk.finish_reason is None:
+                        yield Chunk(text=out, n_tokens=chunk.n_tokens)
+                    if chunk.finish_reason is not None:
+                        usage, finish, detail = chunk.usage or usage, chunk.finish_reason, chunk.detail
+                        break
             except BaseException as e:
                 trace["error"] = type(e).__name__ if isinstance(e, Exception) else "cancelled"
                 if isinstance(e, Exception):
                     self.metrics.stream_errors.labels(name).inc()
                 raise
+            calls: list[ToolCall] = []
+            if p.tool_stream is not None:
+                rest, calls = p.tool_stream.finish()
+                if rest:
+                    yield Chunk(text=rest)
             trace.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                          cached_tokens=usage.cached_tokens, done_reason=finish.value)
             self.metrics.on_result(name, usage, finish)
@@ -188,15 +252,29 @@ class Service:
             if finish == FinishReason.ERROR:
                 self.metrics.stream_errors.labels(name).inc()
                 raise BackendError(detail or "generation failed")
-            yield Result(finish, usage, time.monotonic_ns() - t0, lease.load_ns, detail, p.notes)
+            yield Result(finish, usage, time.monotonic_ns() - t0, lease.load_ns, detail, calls)
 
-    async def _check_context(self, runner: Runner, p: Prepared) -> None:
+    async def _fit_context(self, runner: Runner, p: Prepared) -> int:
+        """The prompt's token count, after checking it fits the context; with the
+        "truncate" policy, the oldest non-system turns are dropped until it does."""
         ctx = runner.spec.num_ctx
         if p.num_ctx:
             ctx = min(ctx, p.num_ctx)
         n = len(await runner.backend.tokenize(p.request.prompt))
         if n == 0:
             raise BadRequest("the prompt is empty after templating")
+        inf, dropped = p.inference, 0
+        while n >= ctx and p.policy.context_overflow == "truncate" and inf.messages:
+            turns = [i for i, m in enumerate(inf.messages) if m.get("role") != "system"]
+            if len(turns) <= 1:
+                break
+            del inf.messages[turns[0]]
+            dropped += 1
+            p.request.prompt = self.render(p.manifest, inf)
+            n = len(await runner.backend.tokenize(p.request.prompt))
+        if dropped:
+            p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
+            log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
         if n >= ctx:
             raise BadRequest(f"the prompt is {n} tokens, more than the context window of {ctx} tokens "
                              f"(num_ctx); raise num_ctx or shorten the prompt")
@@ -205,6 +283,7 @@ class Service:
             raise BadRequest(f"the prompt is {n} tokens; this model was compiled with MAX_PROMPT_LEN={limit}. "
                              f"Recompile it with a larger limit: kiln compile SOURCE --name {runner.manifest.name}"
                              f" --profile npu --max-prompt-len {n}")
+        return n
 
     async def embed(self, model: str, texts: list[str], *, keep_alive: float | None = None,
                     options: dict[str, Any] | None = None) -> Embedded:
@@ -232,7 +311,10 @@ class Service:
 
 def capabilities(m: Manifest) -> list[str]:
     caps = list(m.capabilities or ["completion"])
-    for feature in ("tools", "thinking", "insert"):
+    for feature in ("thinking", "insert"):
         if feature not in caps and templates.supports(m.chat_template, feature):
             caps.append(feature)
+    # Every chat model takes tools: through its template, or kiln's tool instructions.
+    if "completion" in caps and m.chat_template and "tools" not in caps:
+        caps.append("tools")
     return caps

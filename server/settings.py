@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         20.0, ge=0, validation_alias=_env("KILN_SHUTDOWN_GRACE"),
         description="Seconds running streams may take to finish after SIGTERM.")
+    policy: dict[str, Any] = Field(
+        default_factory=dict, validation_alias=_env("KILN_POLICY"),
+        description="The server-wide generation policy (the [policy] table; JSON in KILN_POLICY): "
+                    "mode, context_overflow, limits per option, loop_guard.")
     log_level: str = Field(
         "info", validation_alias=_env("KILN_LOG_LEVEL"), description="debug, info, warning or error.")
 

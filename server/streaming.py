@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from backends.base import Chunk
 from server.errors import classify
+from server.inference import Ready, Result
 
 log = logging.getLogger("kiln.streaming")
 
@@ -109,17 +110,17 @@ async def with_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 async def respond(request: Request, items: AsyncIterator[Any], *, stream: bool, media_type: str,
                   encode: Callable[[Any], bytes | None], on_error: Callable[[str], bytes],
-                  whole: Callable[[str, Any], dict[str, Any]], ready: Any,
-                  headers: Callable[[Any], dict[str, str]] | None = None) -> Response:
-    """The response for a primed generation: ``items`` yields ``ready`` first (once
+                  whole: Callable[[str, Result], dict[str, Any]]) -> Response:
+    """The response for a primed generation: ``items`` yields ``Ready`` first (once
     the request holds a slot, so errors until then keep their status code), then
-    ``Chunk``s and a final result. Streams with ``encode``, or answers one JSON body
+    ``Chunk``s and a ``Result``. Streams with ``encode``, or answers one JSON body
     built by ``whole(text, result)``."""
     first = await with_disconnect(request, items.__anext__())
-    if first is not ready:
+    if not isinstance(first, Ready):
         return first  # the client went away while waiting
     if stream:
-        return stream_response(guarded(items, encode, on_error, shutdown_event(request)), media_type)
+        return stream_response(guarded(items, encode, on_error, shutdown_event(request)), media_type,
+                               first.headers())
 
     async def collect() -> tuple[str, Any]:
         parts: list[str] = []
@@ -137,4 +138,4 @@ async def respond(request: Request, items: AsyncIterator[Any], *, stream: bool, 
     if isinstance(out, Response):
         return out
     text, result = out
-    return JSONResponse(whole(text, result), headers=headers(result) if headers else None)
+    return JSONResponse(whole(text, result), headers={**first.headers(), **result.headers()})

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 
+# ``stream`` is a StrictBool: Go's JSON decoding refuses "yes" or 1 for a bool, where
+# pydantic's lax mode would read them as true and stream to a client that asked otherwise.
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
@@ -42,9 +44,11 @@ class ChatRequest(_Wire):
     model: str = ""
     messages: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="kiln extension, as OpenAI's: auto, none, required or {function: {name}}")
     format: Format = None
     options: dict[str, Any] | None = None
-    stream: bool | None = Field(None, description="default true")
+    stream: StrictBool | None = Field(None, description="default true")
     keep_alive: KeepAlive = Field(None, description="seconds, a Go duration string, or negative for forever")
     think: Think = None
     logprobs: bool | None = None
@@ -58,7 +62,7 @@ class GenerateRequest(_Wire):
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     raw: bool | None = None
     format: Format = None
     options: dict[str, Any] | None = None
@@ -92,7 +96,7 @@ class ModelRequest(_Wire):
     name: str | None = None
     verbose: bool | None = None
     insecure: bool | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
 
     @property
     def target(self) -> str:
@@ -116,5 +120,5 @@ class CreateRequest(_Wire):
     parameters: dict[str, Any] | None = None
     messages: list[Message] | None = None
     quantize: str | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     modelfile: str | None = None

@@ -15,7 +15,7 @@ from backends.store import ModelName
 from server import __version__, models
 from server.errors import BadRequest, NotFound
 from server.options import check
-from server.inference import READY, Inference, Result, Service
+from server.inference import Inference, Result, Service
 from server.ollama import translate
 from server.ollama.protocol import (
     ChatRequest,
@@ -52,16 +52,18 @@ async def version() -> dict[str, str]:
 
 async def _run(request: Request, inf: Inference, stream: bool, chunk_fn: Any, final_fn: Any) -> Response:
     inf.trace = trace(request)
+
     def encode(item: Any) -> bytes | None:
         if isinstance(item, Chunk):
             return ndjson_line(chunk_fn(inf.model, item)) if item.text else None
         if isinstance(item, Result):
-            return ndjson_line(final_fn(inf.model, item))
+            calls = ndjson_line(translate.chat_tool_chunk(inf.model, item)) if item.tool_calls else b""
+            return calls + ndjson_line(final_fn(inf.model, item))
         return None
 
     return await respond(request, _service(request).stream(inf), stream=stream, media_type=NDJSON,
                          encode=encode, on_error=lambda msg: ndjson_line({"error": msg}),
-                         whole=lambda text, r: final_fn(inf.model, r, text), ready=READY, headers=Result.headers)
+                         whole=lambda text, r: final_fn(inf.model, r, text, whole=True))
 
 
 async def _load_or_unload(request: Request, model: str, keep_alive: float | None, chat: bool,

@@ -44,6 +44,12 @@ def check_think(value: Any) -> Any:
     raise BadRequest(f'invalid think value {value!r}: use true, false, "low", "medium", "high" or "max"')
 
 
+def check_top_logprobs(value: int | None) -> None:
+    """routes.go refuses it before anything else, on generate and chat."""
+    if value is not None and not 0 <= value <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+
+
 def message_dict(m: Message) -> dict[str, Any]:
     d: dict[str, Any] = {"role": m.role.lower(), "content": m.content or ""}
     if m.tool_calls:
@@ -60,6 +66,7 @@ def message_dict(m: Message) -> dict[str, Any]:
 
 
 def chat_to_internal(req: ChatRequest) -> Inference:
+    check_top_logprobs(req.top_logprobs)
     msgs = req.messages or []
     for m in msgs:
         if m.role.lower() not in ("system", "user", "assistant", "tool"):
@@ -67,12 +74,14 @@ def chat_to_internal(req: ChatRequest) -> Inference:
     images = [img for m in msgs for img in (m.images or [])]
     return Inference(
         model=req.model, messages=[message_dict(m) for m in msgs], options=opts.check(req.options),
-        format=check_format(req.format), tools=req.tools or None, think=check_think(req.think),
+        format=check_format(req.format), tools=req.tools or None, tool_choice=req.tool_choice,
+        think=check_think(req.think),
         keep_alive=keep_alive(req.keep_alive), images=images or None,
     )
 
 
 def generate_to_internal(req: GenerateRequest) -> Inference:
+    check_top_logprobs(req.top_logprobs)
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
     if req.context:
@@ -107,16 +116,31 @@ def chat_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
             "done": False}
 
 
-def chat_final(model: str, r: Result, content: str = "") -> dict[str, Any]:
-    return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": content},
-            "done": True, **metrics(r)}
+def tool_calls(r: Result) -> list[dict[str, Any]]:
+    """Ollama's shape: arguments are an object, ``index`` counts the calls."""
+    return [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}}
+            for i, c in enumerate(r.tool_calls)]
+
+
+def chat_final(model: str, r: Result, content: str = "", *, whole: bool = False) -> dict[str, Any]:
+    """The last line of a stream, or (``whole``) the one non-streamed reply."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if whole and r.tool_calls:
+        message["tool_calls"] = tool_calls(r)
+    return {"model": model, "created_at": now(), "message": message, "done": True, **metrics(r)}
+
+
+def chat_tool_chunk(model: str, r: Result) -> dict[str, Any]:
+    """Streamed tool calls arrive in a chunk of their own, before the final one."""
+    return {"model": model, "created_at": now(),
+            "message": {"role": "assistant", "content": "", "tool_calls": tool_calls(r)}, "done": False}
 
 
 def generate_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
     return {"model": model, "created_at": now(), "response": chunk.text, "done": False}
 
 
-def generate_final(model: str, r: Result, response: str = "") -> dict[str, Any]:
+def generate_final(model: str, r: Result, response: str = "", *, whole: bool = False) -> dict[str, Any]:
     return {"model": model, "created_at": now(), "response": response, "done": True, **metrics(r)}
 
 

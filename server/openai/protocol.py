@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 
+# ``stream`` is a StrictBool: Go's JSON decoding refuses "yes" or 1 for a bool, where
+# pydantic's lax mode would read them as true and stream to a client that asked otherwise.
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -28,7 +30,7 @@ class StreamOptions(_Wire):
 class ChatCompletionRequest(_Wire):
     model: str = ""
     messages: list[ChatMessage] = Field(default_factory=list)
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -53,7 +55,7 @@ class CompletionRequest(_Wire):
     model: str = ""
     prompt: str | list[str] | None = None
     suffix: str | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = 16
     temperature: float | None = None

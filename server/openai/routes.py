@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from backends.base import Chunk
 from server.errors import BadRequest
-from server.inference import READY, Result, Service
+from server.inference import Result, Service
 from server.openai import translate
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from server.routing import JSONBodyRoute, trace
@@ -49,7 +49,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         return out or None
 
     return await respond(request, _service(request).stream(inf), stream=bool(body.stream), media_type=SSE,
-                         encode=encode, on_error=_sse_error, ready=READY, headers=Result.headers,
+                         encode=encode, on_error=_sse_error,
                          whole=lambda text, r: translate.chat_completion(s.id, body.model, text, r))
 
 
@@ -68,7 +68,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
         return None
 
     return await respond(request, _service(request).stream(inf), stream=bool(body.stream), media_type=SSE,
-                         encode=encode, on_error=_sse_error, ready=READY, headers=Result.headers,
+                         encode=encode, on_error=_sse_error,
                          whole=lambda text, r: translate.completion(s.id, body.model, text, r))
 
 

@@ -138,6 +138,7 @@ def chat_to_internal(req: ChatCompletionRequest) -> Inference:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return Inference(model=req.model, messages=messages, options=_options(req, max_tokens),
                      format=response_format(req.response_format), tools=req.tools or None,
+                     tool_choice=req.tool_choice,
                      think=think, images=images or None)
 
 
@@ -159,8 +160,17 @@ def completion_to_internal(req: CompletionRequest) -> Inference:
                      options=_options(req, req.max_tokens))
 
 
-def finish_reason(finish: FinishReason) -> str:
-    return "length" if finish == FinishReason.LENGTH else "stop"
+def finish_reason(r: Result) -> str:
+    if r.tool_calls:
+        return "tool_calls"
+    return "length" if r.finish == FinishReason.LENGTH else "stop"
+
+
+def tool_calls(r: Result) -> list[dict[str, Any]]:
+    """OpenAI's shape: arguments are a JSON string; ``index`` counts the calls."""
+    return [{"index": i, "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for i, c in enumerate(r.tool_calls)]
 
 
 def usage(r: Result) -> dict[str, Any]:
@@ -175,10 +185,13 @@ def new_id(prefix: str) -> str:
 
 
 def chat_completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if r.tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls(r)]
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason(r.finish), "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r), "logprobs": None}],
             "usage": usage(r)}
 
 
@@ -202,13 +215,16 @@ class _Stream:
         return {"index": 0, **fields, "logprobs": None}
 
     def finish(self, r: Result) -> list[dict[str, Any]]:
-        out = [self._chunk([self._finish_choice(finish_reason(r.finish))])]
+        out = self._tool_chunks(r) + [self._chunk([self._finish_choice(finish_reason(r))])]
         if self.include_usage:
             out.append(self._chunk([], usage=usage(r)))
         return out
 
     def _finish_choice(self, reason: str) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _tool_chunks(self, r: Result) -> list[dict[str, Any]]:
+        return []
 
 
 class ChatStream(_Stream):
@@ -223,11 +239,17 @@ class ChatStream(_Stream):
     def _finish_choice(self, reason: str) -> dict[str, Any]:
         return self._choice(delta={}, finish_reason=reason)
 
+    def _tool_chunks(self, r: Result) -> list[dict[str, Any]]:
+        """One delta per call, whole: ``index`` and ``id`` on each, as the SDK's
+        stream helpers need."""
+        return [self._chunk([self._choice(delta={"tool_calls": [call]}, finish_reason=None)])
+                for call in tool_calls(r)]
+
 
 def completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(r.finish)}],
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(r)}],
             "usage": usage(r)}
 
 
