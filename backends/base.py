@@ -119,6 +119,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     detail: str | None = None  # why it finished, when that needs saying (loop guard, KV full)
+    thinking: str = ""  # reasoning text; engines leave it empty, the gateway splits it out
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"text": self.text, "n_tokens": self.n_tokens}

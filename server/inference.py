@@ -24,6 +24,7 @@ from server import tools
 from server.guard import LoopGuard
 from server.options import check, resolve
 from server.policy import Policy, apply, merge
+from server.reasoning import ThinkStream
 from server.scheduler import Runner, Scheduler
 from server.settings import Settings
 from server.tools import ToolCall, ToolStream
@@ -72,6 +73,7 @@ class Result:
     load_ns: int
     detail: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
+    thinking: str = ""  # the whole reasoning text, for non-streamed replies
 
     def headers(self) -> dict[str, str]:
         """Why it stopped, for a response sent after the generation ended."""
@@ -192,67 +194,26 @@ class Service:
         trace = inf.trace if inf.trace is not None else {}
         trace["model"] = inf.model
         p = self.prepare(inf)
-        name = p.manifest.name
         async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
-            runner = lease.runner
-            n_prompt = await self._fit_context(runner, p)
+            n_prompt = await self._fit_context(lease.runner, p)
             if self.settings.log_content:
                 log.info("prompt %s: %r", trace.get("request_id", ""), p.request.prompt)
             yield Ready(p.notes)
-            usage, finish, detail = Usage(prompt_tokens=n_prompt), FinishReason.STOP, None
-            last = first = n_out = 0
-            t_gen = time.monotonic_ns()
-            text: list[str] = []
-            guard = LoopGuard(p.policy.guard_config())
+            run = _Run(self, p, trace, t0, n_prompt)
             try:
-                async for chunk in runner.backend.stream(p.request):
-                    n_out += chunk.n_tokens
-                    if chunk.text and guard.feed(chunk.text):
-                        # Closing the engine's stream (leaving the loop) cancels it at once.
-                        finish, detail = FinishReason.LOOP, f"loop guard: {guard.reason}"
-                        now = time.monotonic_ns()
-                        usage.completion_tokens = n_out
-                        usage.prompt_ns, usage.eval_ns = (first or now) - t_gen, now - (first or now)
-                        out = p.tool_stream.feed(chunk.text) if p.tool_stream else chunk.text
-                        yield Chunk(text=out, n_tokens=chunk.n_tokens)
-                        log.warning("%s: stopped by the loop guard: %s", name, guard.reason)
-                        break
-                    if chunk.text:
-                        now = time.monotonic_ns()
-                        if last:
-                            self.metrics.itl.labels(name).observe((now - last) / 1e9)
-                        else:
-                            first = now
-                            trace["ttft_ms"] = round((now - t0) / 1e6, 1)
-                            self.metrics.ttft.labels(name).observe((now - t0) / 1e9)
-                        last = now
-                        if self.settings.log_content:
-                            text.append(chunk.text)
-                    out = p.tool_stream.feed(chunk.text) if p.tool_stream else chunk.text
-                    if out or chunk.finish_reason is None:
-                        yield Chunk(text=out, n_tokens=chunk.n_tokens)
-                    if chunk.finish_reason is not None:
-                        usage, finish, detail = chunk.usage or usage, chunk.finish_reason, chunk.detail
-                        break
+                async for chunk in lease.runner.backend.stream(p.request):
+                    out = run.take(chunk)
+                    if out is not None:
+                        yield out
+                    if run.done:
+                        break  # leaving the loop closes the engine's stream, which cancels it
             except BaseException as e:
-                trace["error"] = type(e).__name__ if isinstance(e, Exception) else "cancelled"
-                if isinstance(e, Exception):
-                    self.metrics.stream_errors.labels(name).inc()
+                run.failed(e)
                 raise
-            calls: list[ToolCall] = []
-            if p.tool_stream is not None:
-                rest, calls = p.tool_stream.finish()
-                if rest:
-                    yield Chunk(text=rest)
-            trace.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                         cached_tokens=usage.cached_tokens, done_reason=finish.value)
-            self.metrics.on_result(name, usage, finish)
-            if self.settings.log_content:
-                log.info("output %s: %r", trace.get("request_id", ""), "".join(text))
-            if finish == FinishReason.ERROR:
-                self.metrics.stream_errors.labels(name).inc()
-                raise BackendError(detail or "generation failed")
-            yield Result(finish, usage, time.monotonic_ns() - t0, lease.load_ns, detail, calls)
+            rest, result = run.finish(lease.load_ns)
+            if rest is not None:
+                yield rest
+            yield result
 
     async def _fit_context(self, runner: Runner, p: Prepared) -> int:
         """The prompt's token count, after checking it fits the context; with the
@@ -307,6 +268,90 @@ class Service:
                 result = item
         assert result is not None
         return "".join(parts), result
+
+
+class _Run:
+    """One generation's bookkeeping between the engine and the dialect: the loop guard,
+    thinking and tool calls split out of the text, timings, metrics and the log."""
+
+    def __init__(self, service: Service, p: Prepared, trace: dict[str, Any], t0: int, n_prompt: int) -> None:
+        self.s, self.p, self.trace, self.t0 = service, p, trace, t0
+        self.name = p.manifest.name
+        self.usage = Usage(prompt_tokens=n_prompt)
+        self.finish_reason, self.detail = FinishReason.STOP, None
+        self.guard = LoopGuard(p.policy.guard_config())
+        self.think = ThinkStream(p.request.prompt) if p.inference.think else None
+        self.t_gen = time.monotonic_ns()
+        self.first = self.last = self.n_out = 0
+        self.text: list[str] = []
+        self.thinking: list[str] = []
+        self.done = False
+
+    def _shape(self, text: str) -> tuple[str, str]:
+        """(thinking, content) of raw output text."""
+        thinking, content = self.think.feed(text) if self.think else ("", text)
+        if self.p.tool_stream is not None:
+            content = self.p.tool_stream.feed(content)
+        return thinking, content
+
+    def take(self, chunk: Chunk) -> Chunk | None:
+        self.n_out += chunk.n_tokens
+        if chunk.text:
+            self._timing()
+            if self.s.settings.log_content:
+                self.text.append(chunk.text)
+            if self.guard.feed(chunk.text):
+                now = time.monotonic_ns()
+                self.finish_reason, self.detail = FinishReason.LOOP, f"loop guard: {self.guard.reason}"
+                self.usage.completion_tokens = self.n_out
+                self.usage.prompt_ns, self.usage.eval_ns = self.first - self.t_gen, now - self.first
+                log.warning("%s: stopped by the loop guard: %s", self.name, self.guard.reason)
+                self.done = True
+        if chunk.finish_reason is not None and not self.done:
+            self.usage = chunk.usage or self.usage
+            self.finish_reason, self.detail = chunk.finish_reason, chunk.detail
+            self.done = True
+        thinking, content = self._shape(chunk.text)
+        self.thinking.append(thinking)
+        if thinking or content or not self.done:
+            return Chunk(text=content, thinking=thinking, n_tokens=chunk.n_tokens)
+        return None
+
+    def _timing(self) -> None:
+        now = time.monotonic_ns()
+        if self.last:
+            self.s.metrics.itl.labels(self.name).observe((now - self.last) / 1e9)
+        else:
+            self.first = now
+            self.trace["ttft_ms"] = round((now - self.t0) / 1e6, 1)
+            self.s.metrics.ttft.labels(self.name).observe((now - self.t0) / 1e9)
+        self.last = now
+
+    def failed(self, e: BaseException) -> None:
+        self.trace["error"] = type(e).__name__ if isinstance(e, Exception) else "cancelled"
+        if isinstance(e, Exception):
+            self.s.metrics.stream_errors.labels(self.name).inc()
+
+    def finish(self, load_ns: int) -> tuple[Chunk | None, Result]:
+        thinking, content = self.think.flush() if self.think else ("", "")
+        self.thinking.append(thinking)
+        calls: list[ToolCall] = []
+        if self.p.tool_stream is not None:
+            content = self.p.tool_stream.feed(content)
+            held, calls = self.p.tool_stream.finish()
+            content += held
+        u = self.usage
+        self.trace.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                          cached_tokens=u.cached_tokens, done_reason=self.finish_reason.value)
+        self.s.metrics.on_result(self.name, u, self.finish_reason)
+        if self.s.settings.log_content:
+            log.info("output %s: %r", self.trace.get("request_id", ""), "".join(self.text))
+        if self.finish_reason == FinishReason.ERROR:
+            self.s.metrics.stream_errors.labels(self.name).inc()
+            raise BackendError(self.detail or "generation failed")
+        rest = Chunk(text=content, thinking=thinking) if content or thinking else None
+        return rest, Result(self.finish_reason, u, time.monotonic_ns() - self.t0, load_ns, self.detail, calls,
+                            "".join(self.thinking))
 
 
 def capabilities(m: Manifest) -> list[str]:

@@ -55,7 +55,7 @@ async def _run(request: Request, inf: Inference, stream: bool, chunk_fn: Any, fi
 
     def encode(item: Any) -> bytes | None:
         if isinstance(item, Chunk):
-            return ndjson_line(chunk_fn(inf.model, item)) if item.text else None
+            return ndjson_line(chunk_fn(inf.model, item)) if item.text or item.thinking else None
         if isinstance(item, Result):
             calls = ndjson_line(translate.chat_tool_chunk(inf.model, item)) if item.tool_calls else b""
             return calls + ndjson_line(final_fn(inf.model, item))

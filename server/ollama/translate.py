@@ -112,8 +112,10 @@ def metrics(r: Result) -> dict[str, Any]:
 
 
 def chat_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
-    return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": chunk.text},
-            "done": False}
+    message = {"role": "assistant", "content": chunk.text}
+    if chunk.thinking:
+        message["thinking"] = chunk.thinking
+    return {"model": model, "created_at": now(), "message": message, "done": False}
 
 
 def tool_calls(r: Result) -> list[dict[str, Any]]:
@@ -125,6 +127,8 @@ def tool_calls(r: Result) -> list[dict[str, Any]]:
 def chat_final(model: str, r: Result, content: str = "", *, whole: bool = False) -> dict[str, Any]:
     """The last line of a stream, or (``whole``) the one non-streamed reply."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if whole and r.thinking:
+        message["thinking"] = r.thinking
     if whole and r.tool_calls:
         message["tool_calls"] = tool_calls(r)
     return {"model": model, "created_at": now(), "message": message, "done": True, **metrics(r)}
@@ -137,11 +141,17 @@ def chat_tool_chunk(model: str, r: Result) -> dict[str, Any]:
 
 
 def generate_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
-    return {"model": model, "created_at": now(), "response": chunk.text, "done": False}
+    out = {"model": model, "created_at": now(), "response": chunk.text, "done": False}
+    if chunk.thinking:
+        out["thinking"] = chunk.thinking
+    return out
 
 
 def generate_final(model: str, r: Result, response: str = "", *, whole: bool = False) -> dict[str, Any]:
-    return {"model": model, "created_at": now(), "response": response, "done": True, **metrics(r)}
+    out = {"model": model, "created_at": now(), "response": response, "done": True, **metrics(r)}
+    if whole and r.thinking:
+        out["thinking"] = r.thinking
+    return out
 
 
 def load_reply(model: str, kind: str, *, chat: bool) -> dict[str, Any]:

@@ -42,7 +42,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         if not started:
             started = True
             out += sse_event(s.role())
-        if isinstance(item, Chunk) and item.text:
+        if isinstance(item, Chunk) and (item.text or item.thinking):
             out += sse_event(s.content(item))
         elif isinstance(item, Result):
             out += b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE

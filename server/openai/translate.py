@@ -186,6 +186,8 @@ def new_id(prefix: str) -> str:
 
 def chat_completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if r.thinking:
+        message["reasoning_content"] = r.thinking
     if r.tool_calls:
         message["content"] = text or None
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls(r)]
@@ -234,7 +236,10 @@ class ChatStream(_Stream):
         return self._chunk([self._choice(delta={"role": "assistant", "content": ""}, finish_reason=None)])
 
     def content(self, chunk: Chunk) -> dict[str, Any]:
-        return self._chunk([self._choice(delta={"content": chunk.text}, finish_reason=None)])
+        delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+        if chunk.thinking:
+            delta["reasoning_content"] = chunk.thinking
+        return self._chunk([self._choice(delta=delta, finish_reason=None)])
 
     def _finish_choice(self, reason: str) -> dict[str, Any]:
         return self._choice(delta={}, finish_reason=reason)

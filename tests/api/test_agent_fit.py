@@ -161,3 +161,27 @@ def test_context_overflow_refused_by_default(make_client):
     c = make_client(context_length=20)
     r = c.post("/api/generate", json={"model": "smollm2:135m", "prompt": "word " * 50, "stream": True})
     assert r.status_code == 400 and "num_ctx" in r.json()["error"]
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking %}<think>{% endif %}{% endif %}")
+
+
+def test_thinking_split_on_a_thinking_model(make_client, fake_engine):
+    c = make_client()
+    r = c.post("/api/create", json={"model": "thinker", "from": "smollm2:135m", "template": THINKING_TEMPLATE,
+                                    "stream": False})
+    assert r.json() == {"status": "success"}
+    assert "thinking" in c.post("/api/show", json={"model": "thinker"}).json()["capabilities"]
+    fake_engine.enqueue("two plus two is four </think> The answer is 4.")
+    r = c.post("/api/chat", json={"model": "thinker", "think": True, "stream": False,
+                                  "messages": [{"role": "user", "content": "2+2?"}]}).json()
+    assert r["message"]["thinking"].strip() == "two plus two is four"
+    assert r["message"]["content"].strip() == "The answer is 4."
+    fake_engine.enqueue("<think> hmm </think> Four.")
+    events = [json.loads(x[6:]) for x in c.post("/v1/chat/completions", json={
+        "model": "thinker", "reasoning_effort": "high", "stream": True,
+        "messages": [{"role": "user", "content": "2+2?"}]}).text.split("\n\n") if x.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == "hmm"
+    assert "".join(d.get("content", "") for d in deltas).strip() == "Four."
