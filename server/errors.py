@@ -65,7 +65,8 @@ def ollama_body(message: str) -> dict[str, Any]:
 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 413: "invalid_request_error", 429: "rate_limit_error", 503: "api_error"}
+                 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+                 503: "api_error"}
 
 
 def openai_body(status: int, message: str) -> dict[str, Any]:

@@ -131,7 +131,7 @@ class Service:
             raise BadRequest(f"invalid generation policy for {m.name}: {e}") from None
         options, notes = apply(policy, {**check(m.parameters, where="model parameters"), **inf.options})
         resolved = resolve({}, options)
-        fns, forced = self._tools(inf)
+        fns, forced = self._tools(inf, policy)
         req = GenerationRequest(prompt=self.render(m, inf, fns), sampling=resolved.sampling)
         if inf.format is not None:
             if forced:
@@ -145,11 +145,17 @@ class Service:
         return Prepared(m, inf, req, resolved.num_ctx, policy, notes, stream)
 
     @staticmethod
-    def _tools(inf: Inference) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    def _tools(inf: Inference, policy: Policy) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
         """The functions offered, and those a call is forced to (tool_choice)."""
         if not inf.tools:
             return None, None
-        forced = tools.choose(inf.tools, inf.tool_choice)
+        choice = inf.tool_choice
+        if choice is None:
+            choice = policy.tool_choice
+            if choice == "required-then-auto":
+                last = (inf.messages or [{}])[-1].get("role")
+                choice = "auto" if last == "tool" else "required"
+        forced = tools.choose(inf.tools, choice)
         if forced == []:  # tool_choice "none"
             return None, None
         return tools.functions(inf.tools), forced

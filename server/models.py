@@ -153,6 +153,14 @@ async def create(store: ModelStore, req: CreateRequest) -> AsyncIterator[dict[st
         m.messages = [{"role": x.role.lower(), "content": x.content or ""} for x in req.messages]
     if req.license is not None:
         m.license = "\n".join(req.license) if isinstance(req.license, list) else req.license
+    if req.policy is not None:
+        from server.policy import merge
+
+        try:
+            merge(req.policy)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise BadRequest(f"invalid policy: {e}") from None
+        m.policy = req.policy
     yield {"status": "writing manifest"}
     store.put(m)
     yield {"status": "success"}

@@ -38,6 +38,10 @@ class Policy(BaseModel):
     context_overflow: Literal["error", "truncate"] = "error"
     limits: dict[str, Limit] = Field(default_factory=dict)
     loop_guard: dict[str, Any] = Field(default_factory=dict)
+    # When a request brings tools but no tool_choice. "required-then-auto" forces a call
+    # on a new question and lets the model answer once a tool result is in: the agent
+    # loop small models need (they rarely choose to call a tool on their own).
+    tool_choice: Literal["auto", "required", "required-then-auto"] = "auto"
 
     def guard_config(self) -> LoopGuardConfig:
         known = {f.name for f in fields(LoopGuardConfig)}

@@ -122,3 +122,4 @@ class CreateRequest(_Wire):
     quantize: str | None = None
     stream: StrictBool | None = None
     modelfile: str | None = None
+    policy: dict[str, Any] | None = Field(None, description="kiln extension: the model's generation policy")

@@ -66,22 +66,16 @@ async def _run(request: Request, inf: Inference, stream: bool, chunk_fn: Any, fi
                          whole=lambda text, r: final_fn(inf.model, r, text, whole=True))
 
 
-async def _load_or_unload(request: Request, model: str, keep_alive: float | None, chat: bool,
-                          stream: bool) -> Response:
+async def _load_or_unload(request: Request, model: str, keep_alive: float | None, chat: bool) -> Response:
+    """An empty prompt/messages loads the model (or with keep_alive 0 unloads it);
+    Ollama answers with one JSON object, streaming asked for or not."""
     service = _service(request)
     manifest = service.store.get(model)
     if keep_alive == 0:
         await service.scheduler.unload(manifest.name)
-        body = translate.load_reply(model, "unload", chat=chat)
-    else:
-        await service.scheduler.load(manifest, keep_alive=keep_alive)
-        body = translate.load_reply(model, "load", chat=chat)
-    if stream:
-        async def one() -> AsyncIterator[bytes]:
-            yield ndjson_line(body)
-
-        return stream_response(one(), NDJSON)
-    return JSONResponse(body)
+        return JSONResponse(translate.load_reply(model, "unload", chat=chat))
+    await service.scheduler.load(manifest, keep_alive=keep_alive)
+    return JSONResponse(translate.load_reply(model, "load", chat=chat))
 
 
 @router.post("/api/chat")
@@ -91,7 +85,7 @@ async def chat(request: Request, body: ChatRequest) -> Response:
     inf = translate.chat_to_internal(body)
     stream = body.stream is not False
     if not inf.messages:
-        return await _load_or_unload(request, body.model, inf.keep_alive, chat=True, stream=stream)
+        return await _load_or_unload(request, body.model, inf.keep_alive, chat=True)
     return await _run(request, inf, stream, translate.chat_chunk, translate.chat_final)
 
 
@@ -102,7 +96,7 @@ async def generate(request: Request, body: GenerateRequest) -> Response:
     inf = translate.generate_to_internal(body)
     stream = body.stream is not False
     if not inf.prompt and not inf.images:
-        return await _load_or_unload(request, body.model, inf.keep_alive, chat=False, stream=stream)
+        return await _load_or_unload(request, body.model, inf.keep_alive, chat=False)
     return await _run(request, inf, stream, translate.generate_chunk, translate.generate_final)
 
 

@@ -408,13 +408,12 @@ def test_root_and_head(fake_client):
 
 
 def test_version(fake_client):
-    for r in (fake_client.get("/api/version"),):
-        assert r.status_code == 200
-        v = r.json()["version"]
-        assert re.fullmatch(r"\d+\.\d+\.\d+", v), v
-        # Open WebUI's parse; VS Code Copilot's minimum
-        parsed = tuple(map(int, re.sub(r"^v|-.*", "", v).split(".")))
-        assert parsed >= (0, 6, 4)
+    r = fake_client.get("/api/version")
+    assert r.status_code == 200 and media(r) == "application/json"
+    v = r.json()["version"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", v), v
+    parsed = tuple(map(int, re.sub(r"^v|-.*", "", v).split(".")))  # Open WebUI's parse
+    assert parsed >= (0, 6, 4)  # VS Code Copilot's minimum
     assert fake_client.head("/api/version").status_code == 200
 
 
