@@ -198,6 +198,10 @@ class Engine(abc.ABC):
     def embed(self, texts: list[str]) -> Embeddings:
         raise InvalidRequest(f"the {self.name} backend does not compute embeddings")
 
+    def validate(self, req: GenerationRequest) -> None:
+        """Raises ``InvalidRequest`` for what the engine cannot serve (a schema it
+        cannot turn into a grammar), so the client gets a 400 before any streaming."""
+
     def info(self) -> dict[str, Any]:
         """What /api/ps and /api/show report: device, fallbacks, context, memory."""
         return {}
@@ -229,6 +233,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def embed(self, texts: list[str]) -> Embeddings: ...
+
+    @abc.abstractmethod
+    async def validate(self, req: GenerationRequest) -> None: ...
 
     async def stats(self) -> dict[str, Any]:
         return {}
@@ -285,6 +292,10 @@ class InProcessBackend(Backend):
     async def embed(self, texts: list[str]) -> Embeddings:
         assert self.engine is not None
         return await asyncio.to_thread(self.engine.embed, texts)
+
+    async def validate(self, req: GenerationRequest) -> None:
+        assert self.engine is not None
+        await asyncio.to_thread(self.engine.validate, req)
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats() if self.engine else {}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
+import json
 import logging
 import os
 import random
@@ -53,6 +55,28 @@ def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
                 log.log(lvl, "%s", line)
     except Exception:
         pass
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_gbnf(schema_json: str) -> str:
+    # kiln's own converter: it enforces every keyword it accepts exactly (integer
+    # bounds, string lengths, no control characters...) and refuses the others.
+    from backends.schema_gbnf import SchemaError, convert
+
+    try:
+        return convert(json.loads(schema_json))
+    except SchemaError as e:
+        raise InvalidRequest(f"the JSON schema cannot be enforced: {e}") from None
+
+
+def _grammar(req: GenerationRequest) -> str | None:
+    """The request's GBNF: given as is, or converted from its JSON schema (format,
+    response_format, a forced tool call)."""
+    if req.grammar:
+        return req.grammar
+    if req.json_schema is not None:
+        return _schema_gbnf(json.dumps(req.json_schema, sort_keys=True))
+    return None
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -114,6 +138,7 @@ class LlamaCppEngine(Engine):
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_embd = L.llama_model_n_embd(self.model)
+        self.n_embd_out = L.llama_model_n_embd_out(self.model)  # size of a pooled embedding
         cp = self._context_params(num_ctx * n_par, self.n_batch, n_par)
         cp.kv_unified = False  # each sequence gets its own n_ctx/n_seq_max cells
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -232,8 +257,16 @@ class LlamaCppEngine(Engine):
                 vec = L.llama_get_embeddings_seq(ctx, 0)
                 if not vec:
                     raise BackendError("llama.cpp returned no embedding")
-                vectors.append(vec[: self.n_embd])
+                vectors.append(vec[: self.n_embd_out])
             return Embeddings(vectors, sum(len(t) for t in toks))
+
+    def validate(self, req: GenerationRequest) -> None:
+        grammar = _grammar(req)
+        if grammar:
+            g = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+            if not g:
+                raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")
+            L.llama_sampler_free(g)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -294,8 +327,10 @@ class LlamaCppEngine(Engine):
                     self._finish(s, FinishReason.ERROR, f"engine error: {e}", clear=True)
         # Unloaded: end everything still in flight.
         with self._cond:
-            left, self._waiting = list(self._dropped) + list(self._waiting), collections.deque()
-            self._dropped = []
+            dropped, left = self._dropped, list(self._waiting)
+            self._dropped, self._waiting = [], collections.deque()
+        for e in dropped:
+            _safe_emit(e.emit, Chunk(finish_reason=FinishReason.CANCELLED))
         for e in left:
             _safe_emit(e.emit, Chunk(finish_reason=FinishReason.ERROR, detail="the model was unloaded"))
         for s in list(self._active):
@@ -374,9 +409,10 @@ class LlamaCppEngine(Engine):
         """A sampler chain in llama-server's order; the caller frees it."""
         sp = req.sampling
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if req.grammar:
+        grammar = _grammar(req)
+        if grammar:
             # First: a grammar must see every candidate, not what top_k/top_p left over.
-            g = L.llama_sampler_init_grammar(self.vocab, req.grammar.encode("utf-8"), b"root")
+            g = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
             if not g:
                 L.llama_sampler_free(chain)
                 raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")

@@ -10,7 +10,7 @@ it. Gateway -> worker::
 
     {"op": "generate", "id": ID, "req": {...}}   {"op": "cancel", "id": ID}
     {"op": "tokenize", "id": ID, "text": "..."}  {"op": "embed", "id": ID, "texts": [...]}
-    {"op": "stats", "id": ID}
+    {"op": "validate", "id": ID, "req": {...}}   {"op": "stats", "id": ID}
 
 Worker -> gateway::
 
@@ -178,6 +178,9 @@ class WorkerBackend(Backend):
     async def embed(self, texts: list[str]) -> Embeddings:
         return Embeddings(**await self._call("embed", texts=texts))
 
+    async def validate(self, req: GenerationRequest) -> None:
+        await self._call("validate", req=req.to_dict())
+
     async def stats(self) -> dict[str, Any]:
         return await self._call("stats") if self.alive else {}
 
@@ -253,6 +256,9 @@ def main() -> None:
                 threading.Thread(target=reply, args=(rid, engine.tokenize, msg["text"]), daemon=True).start()
             elif op == "embed":
                 threading.Thread(target=reply, args=(rid, engine.embed, msg["texts"]), daemon=True).start()
+            elif op == "validate":
+                req = GenerationRequest.from_dict(msg["req"])
+                threading.Thread(target=reply, args=(rid, engine.validate, req), daemon=True).start()
             elif op == "stats":
                 reply(rid, engine.stats)
     finally:

@@ -8,10 +8,12 @@ trips on either pattern:
 * a cycle: the last ``cycle_tokens`` tokens are one phrase of 2..``max_period`` tokens
   repeated back to back;
 * a recurring phrase: an n-gram of ``ngram`` word tokens seen ``max_ngram_repeats``
-  times within the last ``window`` tokens, which catches loops whose filler words vary
-  ("a place where the very fabric ..., a place where the light ..."). Only n-grams of
-  words count, so code and JSON, which repeat punctuation and keys by nature, do not
-  trip it.
+  times within one line (at most ``window`` tokens), which catches loops whose filler
+  words vary ("a place where the very fabric ..., a place where the light ..."). Lists
+  repeat their structure from line to line ("Red is the most fundamental colour ...\n
+  Blue is the second most fundamental colour ..."), so repetition across lines does not
+  count; and only n-grams of words count, so code and JSON, which repeat punctuation
+  and keys by nature, do not trip it.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ class LoopGuard:
     def __init__(self, config: LoopGuardConfig) -> None:
         self.c = config
         self.tokens: collections.deque[str] = collections.deque(maxlen=max(config.window, config.cycle_tokens))
+        self.line: collections.deque[str] = collections.deque(maxlen=config.window)
         self.reason: str | None = None
 
     def feed(self, piece: str) -> bool:
         """Adds one generated piece; True when the generation should stop."""
         if not self.c.enabled or self.reason:
             return self.reason is not None
-        self.tokens.append(piece.strip().lower() or piece)
+        token = piece.strip().lower() or piece
+        self.tokens.append(token)
+        if "\n" in piece:
+            self.line.clear()
+        else:
+            self.line.append(token)
         t = list(self.tokens)
         n = len(t)
         if n >= self.c.max_run and len(set(t[-self.c.max_run:])) == 1:
@@ -53,8 +61,8 @@ class LoopGuard:
                     phrase = " ".join(tail[-p:])
                     self.reason = f"a {p}-token phrase repeated {self.c.cycle_tokens // p} times ({phrase[:60]!r})"
                     break
-        if self.reason is None and n >= self.c.ngram:
-            window = t[-self.c.window:]
+        if self.reason is None and len(self.line) >= self.c.ngram:
+            window = list(self.line)
             last = tuple(window[-self.c.ngram:])
             if all(w.isalpha() for w in last):
                 count = sum(1 for i in range(len(window) - self.c.ngram + 1)

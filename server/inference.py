@@ -245,6 +245,8 @@ class Service:
         if n >= ctx:
             raise BadRequest(f"the prompt is {n} tokens, more than the context window of {ctx} tokens "
                              f"(num_ctx); raise num_ctx or shorten the prompt")
+        if p.request.json_schema is not None or p.request.grammar:
+            await runner.backend.validate(p.request)
         limit = runner.info.get("max_prompt_len")
         if limit and n > limit:
             raise BadRequest(f"the prompt is {n} tokens; this model was compiled with MAX_PROMPT_LEN={limit}. "

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-pytest.importorskip("llama_cpp")
+L = pytest.importorskip("llama_cpp")
 
 from backends.base import (  # noqa: E402
     Chunk,
@@ -72,6 +72,21 @@ def check_stream(chunks: list[Chunk]) -> Chunk:
     assert last.finish_reason is not None and last.usage is not None
     assert sum(c.n_tokens for c in chunks) == last.usage.completion_tokens
     return last
+
+
+def run_engine(engine: LlamaCppEngine, req: GenerationRequest) -> list[Chunk]:
+    """Drives an engine directly (no event loop) and returns its chunks."""
+    chunks: list[Chunk] = []
+    done = threading.Event()
+
+    def emit(c: Chunk) -> None:
+        chunks.append(c)
+        if c.finish_reason is not None:
+            done.set()
+
+    engine.submit(req, emit)
+    assert done.wait(300)
+    return chunks
 
 
 def wait_idle(b: InProcessBackend, timeout: float = 60) -> None:
@@ -195,36 +210,42 @@ def test_cancel_mid_stream_frees_the_slot(backend):
     assert check_stream(chunks).finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
 
 
-def test_cancel_emits_cancelled_and_waiting_requests_are_fifo(backend):
+def test_waiting_requests_are_fifo_and_cancellable(backend):
     engine = backend.engine
-    done = {}
+    finals: dict[str, Chunk] = {}
     order: list[str] = []
-    events = {}
+    all_done = threading.Event()
 
-    def emitter(rid):
-        events[rid] = threading.Event()
-
+    def emitter(rid: str):
         def emit(c: Chunk) -> None:
             if c.finish_reason is not None:
-                done[rid] = c
+                finals[rid] = c
                 order.append(rid)
-                events[rid].set()
+                if len(finals) == 7:
+                    all_done.set()
         return emit
 
-    reqs = [GenerationRequest(prompt=chat(f"Count from 1 to 100, item {i}."),
-                              sampling=SamplingParams(temperature=0, max_tokens=30 + i))
-            for i in range(6)]
-    for r in reqs:
+    def req(text: str, max_tokens: int) -> GenerationRequest:
+        return GenerationRequest(prompt=chat(text),
+                                 sampling=SamplingParams(temperature=0, max_tokens=max_tokens))
+
+    blockers = [req(f"Count from 1 to 100, list {i}.", 20) for i in range(4)]  # fill 4 slots
+    w1, w2, w3 = (req("Say hi.", 1) for _ in range(3))
+    for r in [*blockers, w1, w2, w3]:
         engine.submit(r, emitter(r.id))
-    engine.cancel(reqs[4].id)  # waiting (4 slots): dropped at once
-    engine.cancel(reqs[0].id)  # running, or just admitted
-    for r in reqs:
-        assert events[r.id].wait(120)
-    assert done[reqs[4].id].finish_reason == FinishReason.CANCELLED
-    assert done[reqs[0].id].finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH,
-                                              FinishReason.STOP)
-    assert done[reqs[5].id].usage.completion_tokens <= 35
-    engine.cancel(reqs[1].id)  # already finished: a no-op
+    engine.cancel(w2.id)  # waiting: dropped without ever taking a slot
+    engine.cancel(blockers[0].id)  # running (or just admitted)
+    assert all_done.wait(300)
+    assert finals[w2.id].finish_reason == FinishReason.CANCELLED
+    assert finals[w2.id].usage.completion_tokens == 0
+    assert finals[blockers[0].id].finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH)
+    for r in [w1, w3]:
+        assert finals[r.id].finish_reason == FinishReason.LENGTH
+        assert finals[r.id].usage.completion_tokens == 1
+    # w1 and w3 only got a slot once a blocker had left, and in submission order.
+    first_blocker_done = min(order.index(b.id) for b in blockers)
+    assert first_blocker_done < order.index(w1.id) < order.index(w3.id)
+    engine.cancel(w1.id)  # already finished: a no-op
     s = engine.stats()
     assert s["active"] == 0 and s["waiting"] == 0
 
@@ -302,18 +323,9 @@ def test_context_full_ends_with_length():
     try:
         prompt = "hello " * 200
         n_prompt = len(engine.tokenize(prompt))
-        chunks: list[Chunk] = []
-        done = threading.Event()
-
-        def emit(c: Chunk) -> None:
-            chunks.append(c)
-            if c.finish_reason is not None:
-                done.set()
-
         # A grammar that never completes: the model cannot end the text itself.
-        engine.submit(GenerationRequest(prompt=prompt, grammar='root ::= "x" root',
-                                        sampling=SamplingParams(temperature=0)), emit)
-        assert done.wait(120)
+        chunks = run_engine(engine, GenerationRequest(prompt=prompt, grammar='root ::= "x" root',
+                                                      sampling=SamplingParams(temperature=0)))
         last = check_stream(chunks)
         assert last.finish_reason == FinishReason.LENGTH
         assert last.detail == "context window full (num_ctx=256)"
@@ -322,6 +334,38 @@ def test_context_full_ends_with_length():
     finally:
         engine.close()
         engine.close()  # idempotent
+
+
+def test_decode_failures_end_the_request_not_the_engine(monkeypatch):
+    engine = LlamaCppEngine(ModelSpec(name="smollm2", path=model_path(), num_ctx=256,
+                                      num_parallel=2))
+    try:
+        real = L.llama_decode
+        req = lambda: GenerationRequest(prompt=chat("Say hi."),  # noqa: E731
+                                        sampling=SamplingParams(temperature=0, max_tokens=5))
+        sizes: list[int] = []
+
+        def no_kv_slot(ctx, batch):
+            sizes.append(batch.n_tokens)
+            return 1
+
+        monkeypatch.setattr(L, "llama_decode", no_kv_slot)
+        last = check_stream(run_engine(engine, req()))
+        assert last.finish_reason == FinishReason.ERROR and "KV" in last.detail
+        # The prompt chunk was halved down to one token, then the sequence given up.
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1 and len(sizes) < 12
+
+        monkeypatch.setattr(L, "llama_decode", lambda ctx, batch: -3)
+        last = check_stream(run_engine(engine, req()))
+        assert last.finish_reason == FinishReason.ERROR and "-3" in last.detail
+
+        monkeypatch.setattr(L, "llama_decode", real)
+        last = check_stream(run_engine(engine, req()))
+        assert last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+        assert last.usage.cached_tokens == 0  # the failed sequences' KV was dropped
+        assert engine.stats()["active"] == 0
+    finally:
+        engine.close()
 
 
 def test_num_ctx_above_trained_context_is_capped(caplog):

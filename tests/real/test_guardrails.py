@@ -121,7 +121,9 @@ def test_loop_guard_stops_the_kiln_haiku(ol, server):
     assert 'kiln_guardrail_stops_total{model="smollm2:135m",reason="loop"}' in metrics
 
 
-@pytest.mark.parametrize("prompt", ["What is the capital of France?", "Explain in two sentences how bread rises.",
+# (Greedy SmolLM2 really does loop on "What is the capital of France?": "la femme au
+# roi, la femme au roi, ..."; the guard is right to stop that one.)
+@pytest.mark.parametrize("prompt", ["Name three primary colours.", "Explain in two sentences how bread rises.",
                                     "Write a Python function that adds two numbers."])
 def test_loop_guard_leaves_ordinary_answers_alone(ol, prompt):
     r = ol.chat(model=MODEL, messages=[{"role": "user", "content": prompt}],
@@ -143,7 +145,7 @@ def test_10k_token_prompt_refused_naming_num_ctx(ol):
 
 
 def test_long_agent_prompt_answered_within_a_large_enough_context(ol):
-    r = ol.chat(model=MODEL, messages=agent_prompt(6_000), options={"num_predict": 8, "num_ctx": 8192})
+    r = ol.chat(model=MODEL, messages=agent_prompt(4_000), options={"num_predict": 8, "num_ctx": 8192})
     assert r.done and r.prompt_eval_count > 5000  # all of it counted, nothing cut
 
 
