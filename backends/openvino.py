@@ -19,9 +19,14 @@ cannot take the model, or fails to compile or load it, is recorded in
 it) or a ``.gguf`` file (llama, qwen2 or qwen3 with a BPE tokenizer; not on the NPU).
 ``spec.num_parallel`` is the batch's ``max_num_seqs``; ``spec.num_ctx`` is the
 context of each sequence, and the KV cache is sized to hold ``num_parallel`` full
-contexts, allocated at load (so a device without the memory fails at load and falls
-through, rather than at the tenth request). ``spec.cache_dir`` is OpenVINO's
-``CACHE_DIR``.
+contexts and allocated at load by a warm-up step (so a device without the memory fails
+at load and falls through, rather than at the tenth request). ``spec.cache_dir`` is
+OpenVINO's ``CACHE_DIR``.
+
+Sampling: temperature (greedy at 0), top_p, top_k, min_p, the repetition, presence and
+frequency penalties and the seed map to a ``GenerationConfig`` per request;
+``typical_p`` and ``repeat_last_n`` have no OpenVINO counterpart and are ignored.
+Stop strings are matched here, on the decoded text, so none is ever returned.
 
 ``spec.extra`` keys (all optional):
 
@@ -51,8 +56,10 @@ through, rather than at the tenth request). ``spec.cache_dir`` is OpenVINO's
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -168,7 +175,11 @@ class _Request:
 
 class OpenVINOEngine(Engine):
     name = "openvino"
-    capabilities = Capabilities(batching=True, tokenize=True, grammar=True, embeddings=False)
+    # No grammar: OpenVINO GenAI compiles a structured-output grammar (xgrammar) inside
+    # step(), and one that fails to compile makes that and every later step() of the
+    # pipeline fail (probed on 2026.4.1); there is no way to check a grammar first
+    # without the xgrammar package, which needs torch.
+    capabilities = Capabilities(batching=True, tokenize=True, grammar=False, embeddings=False)
 
     def __init__(self, spec: ModelSpec) -> None:
         import openvino_genai as ov_genai  # imported here: the gateway never loads OpenVINO
@@ -177,9 +188,11 @@ class OpenVINOEngine(Engine):
         self.spec = spec
         extra = spec.extra or {}
         self.path = Path(spec.path)
-        self.is_gguf = self.path.suffix.lower() == ".gguf"
         if not self.path.exists():
             raise BackendError(f"model not found: {spec.path}")
+        if self.path.is_file() and self.path.suffix.lower() != ".gguf" and _is_gguf(self.path):
+            self.path = self._gguf_link(self.path)
+        self.is_gguf = self.path.suffix.lower() == ".gguf"
         if not self.is_gguf and not (self.path / "openvino_model.xml").is_file():
             raise BackendError(f"{spec.path} is neither a .gguf file nor an OpenVINO IR directory "
                                "(no openvino_model.xml)")
@@ -195,6 +208,7 @@ class OpenVINOEngine(Engine):
         self._runner: _Runner | None = None
         t0 = time.monotonic()
         for device in self.devices:
+            self.cache = "none"
             reason = self._unusable(device)
             if reason is None:
                 try:
@@ -217,6 +231,18 @@ class OpenVINOEngine(Engine):
         self._runner.start(self)
 
     # -- loading -------------------------------------------------------------------
+    def _gguf_link(self, blob: Path) -> Path:
+        """OpenVINO GenAI knows a GGUF by its extension, and store blobs have none."""
+        d = Path(self.spec.cache_dir or tempfile.gettempdir()) / "gguf-links"
+        d.mkdir(parents=True, exist_ok=True)
+        link = d / f"{blob.name}.gguf"
+        if not (link.is_symlink() and link.resolve() == blob.resolve()):
+            tmp = d / f".{blob.name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(blob.resolve())
+            tmp.replace(link)
+        return link
+
     def _unusable(self, device: str) -> str | None:
         if device.upper().startswith("NPU") and self.is_gguf:
             return ("a GGUF file cannot run on the NPU (its static pipeline needs an exported IR: "
@@ -253,9 +279,9 @@ class OpenVINOEngine(Engine):
         if self.spec.cache_dir:
             props.setdefault("CACHE_DIR", self.spec.cache_dir)
             self.cache = "cache-dir"
-        pipe = g.ContinuousBatchingPipeline(str(self.path), sc, device, props, {})
         self.pipeline = "continuous_batching"
-        return _ContinuousBatching(pipe, num_ctx, seqs)
+        return _ContinuousBatching(lambda: g.ContinuousBatchingPipeline(str(self.path), sc, device, props, {}),
+                                   num_ctx, seqs)
 
     def _load_npu(self, device: str) -> _Runner:
         g = self.ov_genai
@@ -342,6 +368,13 @@ class OpenVINOEngine(Engine):
         if self.pipeline == "npu_static" and n_tokens > self.max_prompt_len:
             raise InvalidRequest(self._too_long(n_tokens))
 
+    def validate(self, req: GenerationRequest) -> None:
+        """What the gateway asks before streaming, to answer 400 rather than fail midway."""
+        if req.json_schema is not None or req.grammar:
+            raise InvalidRequest("the openvino backend does not do grammar-constrained decoding")
+        if self.pipeline == "npu_static":
+            self.check_prompt(len(self.tokenize(req.prompt)))
+
     def _too_long(self, n: int) -> str:
         source = (self.spec.extra or {}).get("source") or "SOURCE"
         suggest = -(-n // 1024) * 1024
@@ -375,14 +408,7 @@ class OpenVINOEngine(Engine):
         c.presence_penalty = float(s.presence_penalty)
         c.frequency_penalty = float(s.frequency_penalty)
         if req.json_schema is not None or req.grammar:
-            import json
-
-            so = g.StructuredOutputConfig()
-            if req.json_schema is not None:
-                so.json_schema = json.dumps(req.json_schema)
-            else:
-                so.grammar = req.grammar
-            c.structured_output_config = so
+            raise InvalidRequest("the openvino backend does not do grammar-constrained decoding")
         c.validate()
         return c
 
@@ -415,7 +441,8 @@ class OpenVINOEngine(Engine):
             if self.npuw_devices:
                 d["npuw_devices"] = self.npuw_devices
         elif isinstance(self._runner, _ContinuousBatching):
-            d.update(num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs)
+            d.update(num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs,
+                     kv_cache_bytes=self._runner.kv_cache_bytes)
         return d
 
     def stats(self) -> dict[str, Any]:
@@ -425,6 +452,11 @@ class OpenVINOEngine(Engine):
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _listing(d: str) -> set[str]:
@@ -465,11 +497,11 @@ class _Runner:
     def close(self) -> None:
         raise NotImplementedError
 
-    def prepare(self, st: _Request, room: int, what: str) -> Any:
-        """Tokenizes, caps max_new_tokens to ``room`` and builds the config; None if
-        the request was finished here instead."""
+    def prepare(self, st: _Request, room: int, what: str, ids: list[int] | None = None) -> Any:
+        """Tokenizes, caps max_new_tokens to what is left of ``room`` and builds the
+        config; None if the request was finished here instead."""
         assert self.engine is not None
-        ids = self.engine.tokenize(st.req.prompt)
+        ids = self.engine.tokenize(st.req.prompt) if ids is None else ids
         st.prompt_tokens = len(ids)
         left = room - len(ids)
         if left <= 0:
@@ -481,9 +513,12 @@ class _Runner:
             return None
         st.max_new = left if asked is None else min(asked, left)
         if asked is None or asked > left:
-            st.capped_by = f"{what} ({room} tokens) is full"
+            st.capped_by = f"{what} is full ({room} tokens)"
         try:
             cfg = self.engine.generation_config(st.req, st.max_new)
+        except InvalidRequest as e:
+            st.fail(str(e))
+            return None
         except Exception as e:  # noqa: BLE001 - a bad option fails this request only
             st.fail(f"invalid generation options: {short_error(e)}")
             return None
@@ -494,18 +529,37 @@ class _Runner:
 
 
 class _ContinuousBatching(_Runner):
-    def __init__(self, pipe: Any, num_ctx: int, seqs: int) -> None:
+    def __init__(self, factory: Any, num_ctx: int, seqs: int) -> None:
         super().__init__()
-        self.pipe, self.num_ctx, self.seqs = pipe, num_ctx, seqs
-        self.tokenizer = pipe.get_tokenizer()
-        self.base_config = pipe.get_config()
+        self.factory = factory  # builds the pipeline again after a failed step
+        self.num_ctx, self.seqs, self.next_id = num_ctx, seqs, 0
+        self.pipe = self.build()
+        self.tokenizer = self.pipe.get_tokenizer()
+        self.base_config = self.pipe.get_config()
         self.cv = threading.Condition()
         self.incoming: list[_Request] = []
         self.cancels: set[str] = set()
         self.closed = False
         self.handles: dict[str, Any] = {}
-        self.next_id = 0
         self.snapshot: dict[str, Any] = {}
+        self.broken: str | None = None
+
+    def build(self) -> Any:
+        """The pipeline, after one warm-up step: OpenVINO allocates the KV cache at the
+        first step, and a device without the memory must fail here, at load, where the
+        engine can fall back to the next device."""
+        import openvino_genai as g
+
+        pipe = self.factory()
+        cfg = g.GenerationConfig()
+        cfg.max_new_tokens, cfg.apply_chat_template = 1, False
+        handle = pipe.add_request(self.next_id, "Hello", cfg)  # a dropped handle drops the request
+        self.next_id += 1
+        while pipe.has_non_finished_requests():
+            pipe.step()
+        del handle
+        self.kv_cache_bytes = pipe.get_metrics().cache_size_in_bytes
+        return pipe
 
     def submit(self, st: _Request) -> None:
         with self.cv:
@@ -525,7 +579,9 @@ class _ContinuousBatching(_Runner):
 
         g = self.engine.ov_genai  # type: ignore[union-attr]
         while True:
-            busy = bool(self.active) or self.pipe.has_non_finished_requests()
+            busy = bool(self.active) or (self.pipe is not None and self.pipe.has_non_finished_requests())
+            if not busy:  # what the last step reported is over: nothing is left in the pipeline
+                self.snapshot.update(requests=0, scheduled_requests=0)
             with self.cv:
                 while not (self.closed or self.incoming or self.cancels or busy):
                     self.cv.wait()
@@ -534,6 +590,9 @@ class _ContinuousBatching(_Runner):
                 incoming, self.incoming = self.incoming, []
                 cancels, self.cancels = self.cancels, set()
             for st in incoming:
+                if self.broken:
+                    st.fail(self.broken)
+                    continue
                 if st.req.id in cancels:
                     st.cancelled = True
                     st.finish(FinishReason.CANCELLED)
@@ -555,8 +614,7 @@ class _ContinuousBatching(_Runner):
                     self.handles.pop(rid).cancel()
                     st.cancelled = True
                     st.finish(FinishReason.CANCELLED)
-            if not self.active and not self.pipe.has_non_finished_requests():
-                self.snapshot.update(requests=0, scheduled_requests=0)
+            if self.pipe is None or (not self.active and not self.pipe.has_non_finished_requests()):
                 continue
             try:
                 self.pipe.step()
@@ -566,6 +624,7 @@ class _ContinuousBatching(_Runner):
                     self.handles.pop(rid).cancel()
                     st.fail(f"OpenVINO failed: {short_error(e)}")
                 self.active.clear()
+                self.rebuild()
                 continue
             for rid, st in list(self.active.items()):
                 self.drain(rid, st, g)
@@ -576,6 +635,17 @@ class _ContinuousBatching(_Runner):
             self.handles.pop(rid).cancel()
             st.fail("the model was unloaded")
         self.active.clear()
+
+    def rebuild(self) -> None:
+        """A request that fails inside step() stays in the pipeline and fails every
+        later step (an xgrammar error does), so a failed step costs a fresh pipeline."""
+        self.pipe = None  # free the old one first: two may not fit
+        try:
+            self.pipe = self.build()
+            log.warning("rebuilt the pipeline after a failed step")
+        except Exception as e:  # noqa: BLE001
+            log.exception("could not rebuild the pipeline")
+            self.broken = f"the pipeline could not be rebuilt after a failure: {short_error(e)}"
 
     def drain(self, rid: str, st: _Request, g: Any) -> None:
         h = self.handles[rid]
@@ -667,13 +737,13 @@ class _NpuStatic(_Runner):
         engine = self.engine
         assert engine is not None
         g = engine.ov_genai
-        n = len(engine.tokenize(st.req.prompt))
-        if n > self.max_prompt_len:  # the backstop for a gateway that did not check first
-            st.prompt_tokens = n
-            st.fail(engine._too_long(n))
+        ids = engine.tokenize(st.req.prompt)
+        if len(ids) > self.max_prompt_len:  # the backstop for a gateway that did not check first
+            st.prompt_tokens = len(ids)
+            st.fail(engine._too_long(len(ids)))
             return
         capacity = self.max_prompt_len + self.min_response_len
-        prepared = self.prepare(st, capacity, "the NPU's KV cache (MAX_PROMPT_LEN + MIN_RESPONSE_LEN)")
+        prepared = self.prepare(st, capacity, "the NPU's KV cache (MAX_PROMPT_LEN + MIN_RESPONSE_LEN)", ids)
         if prepared is None:
             return
         ids, cfg = prepared
@@ -705,7 +775,7 @@ class _NpuStatic(_Runner):
             st.finish(FinishReason.LENGTH, self.length_detail(st))
         else:
             # NONE without a cancel: the static KV cache ran out (the pipeline says no more).
-            st.finish(FinishReason.LENGTH, f"the NPU's KV cache ({capacity} tokens) is full")
+            st.finish(FinishReason.LENGTH, f"the NPU's KV cache is full ({capacity} tokens)")
 
     def stats(self) -> dict[str, Any]:
         return {"active": len(self.active), "queued": len(self.waiting)}

@@ -224,7 +224,7 @@ class Service:
     async def _fit_context(self, runner: Runner, p: Prepared) -> int:
         """The prompt's token count, after checking it fits the context; with the
         "truncate" policy, the oldest non-system turns are dropped until it does."""
-        ctx = runner.spec.num_ctx
+        ctx = runner.num_ctx
         if p.num_ctx:
             ctx = min(ctx, p.num_ctx)
         n = len(await runner.backend.tokenize(p.request.prompt))
@@ -250,7 +250,8 @@ class Service:
         limit = runner.info.get("max_prompt_len")
         if limit and n > limit:
             raise BadRequest(f"the prompt is {n} tokens; this model was compiled with MAX_PROMPT_LEN={limit}. "
-                             f"Recompile it with a larger limit: kiln compile SOURCE --name {runner.manifest.name}"
+                             f"Recompile it with a larger limit: kiln compile "
+                             f"{runner.manifest.source.split(':', 1)[-1] or 'SOURCE'} --name {runner.manifest.name}"
                              f" --profile npu --max-prompt-len {n}")
         return n
 

@@ -75,7 +75,7 @@ class Metrics:
         """Gauges are read off the scheduler when scraped."""
         self.loaded.set(len(runners))
         for r in runners:
-            self.slots.labels(r.manifest.name).set(r.spec.num_parallel)
+            self.slots.labels(r.manifest.name).set(r.num_parallel)
             self.active.labels(r.manifest.name).set(r.refcount)
         for key, n in waiting.items():
             self.queue_depth.labels(key).set(n)

@@ -89,6 +89,15 @@ class Runner:
     last_used: float = field(default_factory=time.time)
 
     @property
+    def num_ctx(self) -> int:
+        """Context per request: what the engine reports (a static NPU pipeline has its own)."""
+        return int(self.info.get("num_ctx") or self.spec.num_ctx)
+
+    @property
+    def num_parallel(self) -> int:
+        return int(self.info.get("num_parallel") or self.spec.num_parallel)
+
+    @property
     def size(self) -> int:
         return int(self.info.get("model_bytes") or self.manifest.size) + int(self.info.get("kv_bytes") or 0)
 
@@ -216,8 +225,8 @@ class Scheduler:
                     self.restarts += 1
                     self._emit("restart", runner, 0.0)
                     await self._unload(runner)
-                elif runner.manifest.digest != m.digest or (num_ctx and num_ctx > runner.spec.num_ctx
-                                                            and runner.spec.num_ctx < m.context_length):
+                elif runner.manifest.digest != m.digest or (num_ctx and num_ctx > runner.num_ctx
+                                                            and runner.num_ctx < m.context_length):
                     log.info("%s: reloading (manifest or num_ctx changed)", m.name)
                     await self._wait_idle(runner)
                     await self._unload(runner)
@@ -235,7 +244,8 @@ class Scheduler:
             except BaseException:
                 await backend.unload()
                 raise
-            runner = Runner(key, m, spec, backend, asyncio.Semaphore(spec.num_parallel), info=info,
+            slots = asyncio.Semaphore(int(info.get("num_parallel") or spec.num_parallel))
+            runner = Runner(key, m, spec, backend, slots, info=info,
                             keep_alive=self.default_keep_alive, load_ns=time.monotonic_ns() - t0)
             self.runners[key] = runner
             log.info("%s: loaded in %.2fs (%s)", m.name, runner.load_ns / 1e9, info.get("device", "?"))

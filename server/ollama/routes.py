@@ -163,10 +163,10 @@ async def ps(request: Request) -> dict[str, Any]:
     for r in _service(request).scheduler.loaded():
         entry = {"name": r.manifest.name, "model": r.manifest.name, "size": r.size, "digest": r.manifest.digest,
                  "details": translate.details(r.manifest), "expires_at": r.expires_at_rfc3339,
-                 "size_vram": 0, "context_length": r.spec.num_ctx}
+                 "size_vram": 0, "context_length": r.num_ctx}
         # kiln's own fields (clients ignore unknown keys): device, fallbacks, requests in flight
         entry["kiln"] = {**_public_info(r.info), "backend": r.manifest.backend, "requests": r.refcount,
-                         "num_parallel": r.spec.num_parallel}
+                         "num_parallel": r.num_parallel}
         out.append(entry)
     return {"models": out}
 
