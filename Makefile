@@ -32,8 +32,18 @@ $(VENV)/.test-deps: $(BIN)/kiln
 	$(BIN)/pip install -e '.[test,compile]'
 	touch $@
 
+# The whole suite on the default (llama.cpp) backend, and the black-box conformance
+# suite again against the same model served by OpenVINO on the CPU and through the NPU
+# pipeline (NPUW on the CPU). Every run must pass; an empty run (pytest's exit 5) fails.
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@status=0; \
+	for backend in openvino-cpu openvino-npu; do \
+		echo "== conformance suite on $$backend"; \
+		KILN_CONFORMANCE_BACKEND=$$backend $(BIN)/python -m pytest tests/real/test_clients.py $(PYTEST_ARGS) || status=1; \
+	done; \
+	echo "== the whole suite"; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 test-fast: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -m "not real_model" $(PYTEST_ARGS)

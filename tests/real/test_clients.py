@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import struct
 import threading
 import time
@@ -27,8 +28,6 @@ MODEL = "smollm2:135m"
 EMBED_DIM = 576  # SmolLM2-135M's embedding length
 GREEDY = {"temperature": 0}
 COUNT = [{"role": "user", "content": "Count from one to ten."}]
-# Greedy output of COUNT, found by running it: '1. 1\n2. 2\n3. 3\n4' at 16 tokens.
-STOP_WORD = "3."
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +109,19 @@ def test_seed_makes_sampling_reproducible(oc):
 # -- stop and limits ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def free_count(oc) -> str:
-    """The greedy answer to COUNT without a stop word (the same prompt on both APIs)."""
+def free_count(oc) -> tuple[str, str]:
+    """The greedy answer to COUNT without a stop string, and a stop string taken from its
+    middle (engines differ in their greedy text; llama.cpp says '1. 1\n2. 2\n3. 3\n4')."""
     free = oc.chat(model=MODEL, messages=COUNT, options={**GREEDY, "num_predict": 14}).message.content
-    assert STOP_WORD in free, f"the greedy output changed; pick a stop word from {free!r}"
-    return free
+    # two characters from the second half whose first occurrence is not at the start
+    stop = next((free[i:i + 2] for i in range(len(free) // 2, len(free) - 1)
+                 if free[i:i + 2].strip() == free[i:i + 2] and free.index(free[i:i + 2]) > 0), None)
+    assert stop, f"no usable stop string in {free!r}"
+    return free, stop
 
 
 def test_stop_ollama(oc, free_count):
+    free_count, STOP_WORD = free_count
     r = oc.chat(model=MODEL, messages=COUNT, options={**GREEDY, "num_predict": 14, "stop": [STOP_WORD]})
     out = r.message.content
     assert out.strip() and STOP_WORD not in out
@@ -132,6 +136,7 @@ def test_stop_ollama(oc, free_count):
 
 
 def test_stop_openai(oa, free_count):
+    free_count, STOP_WORD = free_count
     r = oa.chat.completions.create(model=MODEL, messages=COUNT, temperature=0, max_tokens=14, stop=STOP_WORD)
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == free_count[: free_count.index(STOP_WORD)]
@@ -248,8 +253,8 @@ def test_show_list_ps(oc):
     assert s.modelinfo[f"{arch}.context_length"] > 0
     assert s.modelinfo[f"{arch}.embedding_length"] == EMBED_DIM
     assert "completion" in s.capabilities
-    assert s.details.family == "llama" and s.details.format == "gguf"
-    assert s.template and s.parameters and s.modified_at is not None
+    assert s.details.family == "llama" and s.details.format in ("gguf", "openvino")
+    assert s.template and isinstance(s.parameters, str) and s.modified_at is not None
 
     listed = {m.model: m for m in oc.list().models}
     m = listed[MODEL]
@@ -273,6 +278,8 @@ def test_openai_models(oa):
 
 # -- embeddings and completions ----------------------------------------------------------
 
+@pytest.mark.skipif(os.environ.get("KILN_CONFORMANCE_BACKEND", "llamacpp") != "llamacpp",
+                    reason="kiln's OpenVINO backend serves generation only; embeddings run on llama.cpp")
 def test_embeddings_both_clients(oc, oa, server):
     text = "The sky is blue because of Rayleigh scattering."
     native = oc.embed(model=MODEL, input=text).embeddings
