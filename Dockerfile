@@ -22,16 +22,21 @@ FROM python:3.11-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --create-home --home-dir /data kiln
+ && groupadd --system --gid 10001 kiln \
+ && useradd --system --uid 10001 --gid kiln --create-home --home-dir /data kiln \
+ && install -d -o 10001 -g 10001 /data/models
 COPY --from=builder /opt/kiln /opt/kiln
 ENV PATH=/opt/kiln/bin:$PATH \
     HOME=/data \
     KILN_HOST=0.0.0.0:11434 \
     KILN_MODELS=/data/models \
     PYTHONUNBUFFERED=1
-USER kiln
+# Numeric, so the host (and Kubernetes' runAsNonRoot) can tell it is not root.
+USER 10001:10001
 WORKDIR /data
-VOLUME ["/data"]
+# The store: a named volume mounted here starts as a copy of this directory, so it is
+# owned by kiln's user, not root.
+VOLUME ["/data/models"]
 EXPOSE 11434
 # Listening beyond loopback needs an API key: pass KILN_API_KEY or KILN_API_KEYS_FILE.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -133,6 +133,10 @@ class Service:
         resolved = resolve({}, options)
         fns, forced = self._tools(inf, policy)
         req = GenerationRequest(prompt=self.render(m, inf, fns), sampling=resolved.sampling)
+        try:
+            req.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("the request contains invalid Unicode (an unpaired surrogate)") from None
         if inf.format is not None:
             if forced:
                 raise BadRequest("format cannot be combined with a required tool_choice")

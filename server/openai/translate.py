@@ -31,8 +31,8 @@ def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | N
     _range("top_p", req.top_p, 0, 1)
     _range("frequency_penalty", req.frequency_penalty, -2, 2)
     _range("presence_penalty", req.presence_penalty, -2, 2)
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
+    if max_tokens is not None and not 1 <= max_tokens <= 1 << 31:
+        raise BadRequest(f"max_tokens must be between 1 and {1 << 31}, got {max_tokens}")
     if req.n not in (None, 1):
         raise BadRequest("n must be 1: kiln returns one choice per request")
     if req.logit_bias:
