@@ -75,7 +75,7 @@ def _grammar(req: GenerationRequest) -> str | None:
     if req.grammar:
         return req.grammar
     if req.json_schema is not None:
-        return _schema_gbnf(json.dumps(req.json_schema, sort_keys=True))
+        return _schema_gbnf(json.dumps(req.json_schema))  # key order matters: the model writes them in it
     return None
 
 
