@@ -13,7 +13,9 @@ trips on either pattern:
   repeat their structure from line to line ("Red is the most fundamental colour ...\n
   Blue is the second most fundamental colour ..."), so repetition across lines does not
   count; and only n-grams of words count, so code and JSON, which repeat punctuation
-  and keys by nature, do not trip it.
+  and keys by nature, do not trip it. Under a grammar (structured output) this check is
+  off: JSON is one line, its strings are bounded by the schema, and a cut would leave
+  JSON that does not parse.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class LoopGuard:
                     phrase = " ".join(tail[-p:])
                     self.reason = f"a {p}-token phrase repeated {self.c.cycle_tokens // p} times ({phrase[:60]!r})"
                     break
-        if self.reason is None and len(self.line) >= self.c.ngram:
+        if self.reason is None and self.c.max_ngram_repeats and len(self.line) >= self.c.ngram:
             window = list(self.line)
             last = tuple(window[-self.c.ngram:])
             if all(w.isalpha() for w in last):

@@ -9,6 +9,7 @@ options, a prompt longer than the context, a full queue) happens before its firs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -292,7 +293,10 @@ class _Run:
         self.name = p.manifest.name
         self.usage = Usage(prompt_tokens=n_prompt)
         self.finish_reason, self.detail = FinishReason.STOP, None
-        self.guard = LoopGuard(p.policy.guard_config())
+        config = p.policy.guard_config()
+        if p.request.json_schema is not None or p.request.grammar:
+            config = dataclasses.replace(config, max_ngram_repeats=0)  # see server/guard.py
+        self.guard = LoopGuard(config)
         self.think = ThinkStream(p.request.prompt) if p.inference.think else None
         self.t_gen = time.monotonic_ns()
         self.first = self.last = self.n_out = 0
