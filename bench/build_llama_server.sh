@@ -33,16 +33,19 @@ if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
 fi
 
 # GGML_NATIVE: the same -march=native as the llama-cpp-python wheel pip built here,
-# so both sides use the same SIMD kernels. LLAMA_CURL=OFF: no network code needed
-# (and no libcurl headers on the build machine). Tests/examples off: only the server.
-cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja \
+# so both sides use the same SIMD kernels. This llama.cpp no longer uses libcurl
+# (LLAMA_CURL is a deprecated no-op); LLAMA_OPENSSL=OFF drops the HTTPS client it
+# would use to download models, which the bench never does. Only the server target.
+GENERATOR=()
+command -v ninja >/dev/null && GENERATOR=(-G Ninja)
+cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" "${GENERATOR[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DGGML_CCACHE=OFF \
     -DBUILD_SHARED_LIBS=OFF >&2
 cmake --build "$BUILD" --target llama-server -j "$JOBS" >&2
 echo "$BIN"

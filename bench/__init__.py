@@ -1,0 +1,1 @@
+"""kiln's benchmark harness: ``python -m bench`` (see bench/README.md)."""
