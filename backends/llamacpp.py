@@ -443,29 +443,37 @@ class LlamaCppEngine(Engine):
         return chain
 
     def _fill(self, gen: list[_Seq], pre: list[_Seq], budget: int) -> list[tuple[_Seq, int, int]]:
-        """Fills the batch; returns (seq, tokens added, logits row or -1) per sequence."""
+        """Fills the batch; returns (seq, tokens added, logits row or -1) per sequence.
+
+        Every generating sequence gets its one token (streams never wait for a
+        prompt); prompts get what is left, in admission order. The batch is then laid
+        out in SLOT order: with a KV cache per sequence llama.cpp splits a batch into
+        ubatches of consecutive, increasing sequence ids (``split_equal(sequential)``),
+        so slots in admission order cost one graph evaluation per run of consecutive
+        ids — up to one per sequence (measured: 8 decode tokens took 48 ms in
+        admission order, as long as 8 single-token decodes)."""
+        plan = [(s, 1) for s in gen]
+        room = self.n_batch - len(gen)
+        for s in pre:
+            k = min(budget, room, s.n_prompt - s.n_past)
+            if k <= 0:
+                break
+            plan.append((s, k))
+            room, budget = room - k, budget - k
+        plan.sort(key=lambda p: p[0].slot)
         b = self.batch
         tok, pos, nsid, sid, want = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
         rows, n = [], 0
-        for s in gen:  # decode tokens first: generating streams never wait for a prompt
-            tok[n], pos[n], nsid[n], want[n] = s.tokens[s.n_past], s.n_past, 1, 1
-            sid[n][0] = s.slot
-            rows.append((s, 1, n))
-            n += 1
-        for s in pre:
-            k = min(budget, self.n_batch - n, s.n_prompt - s.n_past)
-            if k <= 0:
-                break
+        for s, k in plan:
             for j in range(k):
                 tok[n + j], pos[n + j], nsid[n + j], want[n + j] = (
                     s.tokens[s.n_past + j], s.n_past + j, 1, 0)
                 sid[n + j][0] = s.slot
-            last = s.n_past + k == s.n_prompt  # only the prompt's last token needs logits
-            if last:
+            done = s.n_past + k >= s.n_prompt
+            if done:  # a decode token, or a prompt's last: its logits give the next token
                 want[n + k - 1] = 1
-            rows.append((s, k, n + k - 1 if last else -1))
+            rows.append((s, k, n + k - 1 if done else -1))
             n += k
-            budget -= k
         b.n_tokens = n
         return rows
 

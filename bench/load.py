@@ -220,17 +220,17 @@ class Round:
 
 
 async def run_round(url: str, api: str, model: str, concurrency: int, per_client: int,
-                    s: Sampling) -> Round:
+                    s: Sampling, tag: str) -> Round:
     """``concurrency`` clients, each sending ``per_client`` requests back to back (a
     closed loop: the server always has ``concurrency`` requests in flight); every
-    request has a distinct prompt."""
+    request has a distinct prompt, tagged with ``tag`` (unique per round)."""
     async with client(concurrency) as c:
         async def one_client(k: int) -> list[Outcome]:
             out = []
             for j in range(per_client):
                 i = k * per_client + j
                 seed = None if s.seed is None else s.seed + i
-                out.append(await request(c, url, api, model, workload.essay_messages(i),
+                out.append(await request(c, url, api, model, workload.essay_messages(i, tag),
                                          Sampling(s.max_tokens, s.temperature, s.top_p, seed)))
             return out
 
@@ -244,8 +244,9 @@ async def warm_up(url: str, api: str, model: str, concurrency: int) -> list[str]
     """Loads the model (kiln loads lazily) and touches every slot once; the errors seen."""
     s = Sampling(max_tokens=8)
     async with client(concurrency) as c:
-        first = await request(c, url, api, model, workload.essay_messages(99), s, deadline=600)
-        burst = await asyncio.gather(*(request(c, url, api, model, workload.essay_messages(100 + i), s)
+        first = await request(c, url, api, model, workload.essay_messages(0, "warm-up"), s,
+                              deadline=600)
+        burst = await asyncio.gather(*(request(c, url, api, model, workload.essay_messages(1 + i, "warm-up"), s)
                                        for i in range(concurrency)))
     return [o.error for o in [first, *burst] if o.error]
 

@@ -3,7 +3,7 @@
 With ``num_parallel`` slots and a queue bound of ``max_queue``, ``n`` simultaneous
 requests should give exactly ``n - num_parallel - max_queue`` 503s (Ollama's "server
 busy" with ``Retry-After``, in each dialect's error shape), and every admitted request
-should finish normally with its own text.
+should end normally (any finish reason but an error) with its own text.
 
 "Its own text" is checked against references: each prompt run alone first, greedy.
 Batched logits are not bit-identical to unbatched ones (llama.cpp's README says so
@@ -63,9 +63,11 @@ async def burst(url: str, api: str, model: str, refs: list[str], parallel: int,
         checks.append({"index": i, "finish_reason": o.finish_reason, "tokens": o.tokens,
                        "identical": o.text == refs[i], "similarity_own": round(own, 3),
                        "crossed_with": crossed, "empty": not o.text.strip(), "kind": o.kind})
+    # A normal end is any finish reason but an error: "stop", "length", and kiln's own
+    # "loop" (its loop guard ended a repetitive greedy answer; Ollama's dialect says so).
     bad_output = [ch for ch in checks
                   if ch["kind"] != "completed" or ch["empty"] or ch["crossed_with"]
-                  or ch["finish_reason"] not in ("stop", "length")]
+                  or ch["finish_reason"] in ("error", "cancelled")]
     expected = max(0, n - parallel - max_queue)
     result = {
         "api": api, "clients": n, "num_parallel": parallel, "max_queue": max_queue,
@@ -74,6 +76,8 @@ async def burst(url: str, api: str, model: str, refs: list[str], parallel: int,
         "503_shape_ok": sum(1 for o in rejected if _shape_ok(api, o.error_body)),
         "503_body_sample": rejected[0].error_body if rejected else None,
         "admitted": len(admitted), "admitted_ok": len(admitted) - len(bad_output),
+        "finish_reasons": {r: sum(1 for ch in checks if ch["finish_reason"] == r)
+                           for r in sorted({str(ch["finish_reason"]) for ch in checks})},
         "identical_to_reference": sum(1 for ch in checks if ch["identical"]),
         "other_errors": sum(1 for o in outcomes if o.kind in ("error", "cut_short")),
         "error_samples": sorted({o.error for o in outcomes if o.error and o.kind != "rejected"})[:3],

@@ -109,12 +109,13 @@ def _llama_server_version(binary: Path) -> str:
         return f"unknown ({e})"
 
 
-async def _round(t: servers.Target, srv: servers.Running, c: int, a: argparse.Namespace) -> dict[str, Any]:
+async def _round(t: servers.Target, srv: servers.Running, c: int, a: argparse.Namespace,
+                 tag: str) -> dict[str, Any]:
     """One round at concurrency ``c``, with the CPU time the server spent on it."""
     per_client = max(a.requests_per_client, math.ceil(a.min_requests / c))
     load_before, cpu0 = _loadavg(), srv.cpu_seconds()
     r = await load.run_round(srv.url, t.api, t.model, c, per_client,
-                             load.Sampling(max_tokens=a.max_tokens, seed=1234))
+                             load.Sampling(max_tokens=a.max_tokens, seed=1234), tag)
     s = r.summary()
     s["cpu_s"] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in srv.cpu_seconds().items()}
     s["loadavg_before"] = load_before
@@ -145,7 +146,7 @@ async def _measure(targets: list[servers.Target], srvs: dict[str, servers.Runnin
     warm: dict[str, list[str]] = {}
     for t in targets:
         warm[t.name] = await load.warm_up(srvs[t.name].url, t.api, t.model, max(levels))
-    step = 0
+    step, run = 0, uuid.uuid4().hex[:6]
     for rep in range(a.repeats):
         print(f"repeat {rep + 1}/{a.repeats}", flush=True)
         res: dict[str, dict[str, Any]] = {
@@ -155,7 +156,8 @@ async def _measure(targets: list[servers.Target], srvs: dict[str, servers.Runnin
             for t in targets}
         for c in levels:
             for t in _rotated(targets, step):
-                res[t.name]["rounds"].append(await _round(t, srvs[t.name], c, a))
+                # The same tag for every target: they all get the very same prompts.
+                res[t.name]["rounds"].append(await _round(t, srvs[t.name], c, a, f"{run}.{rep}.{c}"))
             step += 1
         for _ in range(a.agent_sessions):
             for t in _rotated(targets, step):

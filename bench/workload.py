@@ -3,7 +3,7 @@
 * Throughput prompts ask for long answers (an essay on a topic) so a 64-token budget
   is used up: the model could stop at its end-of-generation token, and a request that
   stops early would flatter tokens/s. The bench still counts the tokens really
-  generated and reports the mean completion length.
+  generated and reports the mean completion length. Each is unique to its round.
 * The agent system prompt is ~2,000 tokens of tool descriptions, built from fixed word
   lists (no randomness), with a run nonce at its very START so no server can have it
   cached from an earlier run: a prefix cache matches from the first token on.
@@ -72,11 +72,16 @@ AGENT_TURN_1 = "Which tools would you use to find last week's unpaid invoices? E
 AGENT_TURN_2 = "Now write the call for the first of those tools, with realistic arguments."
 
 
-def essay_messages(i: int) -> list[Message]:
-    """A request that invites a long answer; ``i`` picks the topic (distinct per request)."""
+def essay_messages(i: int, tag: str) -> list[Message]:
+    """A request that invites a long answer; ``i`` picks the topic. ``tag`` (unique per
+    round) opens the user message: every request of a run is new to every server, past
+    the chat template's shared system prefix. Without it, llama-server's host-RAM prompt
+    cache found the same prompts from the earlier rounds and skipped their prefill,
+    which measured its cache, not its serving of new requests (the agent pattern
+    measures prefix reuse, on purpose)."""
     topic = TOPICS[i % len(TOPICS)]
-    return [{"role": "user", "content": f"Write a long, detailed essay about {topic}. Use several "
-                                        f"paragraphs and do not stop early. (request {i})"}]
+    return [{"role": "user", "content": f"[{tag}-{i}] Write a long, detailed essay about {topic}. Use "
+                                        f"several paragraphs and do not stop early."}]
 
 
 def overflow_messages(i: int) -> list[Message]:

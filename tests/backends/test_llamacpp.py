@@ -336,6 +336,36 @@ def test_context_full_ends_with_length():
         engine.close()  # idempotent
 
 
+def test_batch_is_laid_out_in_slot_order(backend):
+    """llama.cpp splits a batch over per-sequence KV caches into ubatches of
+    consecutive sequence ids: admission order (here slots 2, 0, 3, 1) would cost one
+    graph evaluation per sequence. Decode tokens and prompt chunks alike go in slot
+    order; only decode tokens and a prompt's last token ask for logits."""
+    from backends.llamacpp import _Entry, _Seq
+
+    engine = backend.engine  # idle between tests: the batch is free to fill here
+    seqs = []
+    for slot, n_prompt, n_past in [(2, 5, 5), (0, 6, 6), (3, 40, 0), (1, 8, 3)]:
+        e = _Entry(GenerationRequest(prompt="x"), lambda c: None)
+        e.tokens = list(range(100, 100 + n_prompt))
+        s = _Seq(e, slot, n_past, None)
+        if n_past == n_prompt:
+            s.tokens.append(7)  # generating: its last sampled token is fed back
+        seqs.append(s)
+    gen = [s for s in seqs if s.n_past >= s.n_prompt]
+    pre = [s for s in seqs if s.n_past < s.n_prompt]
+    rows = engine._fill(gen, pre, budget=20)
+    b = engine.batch
+    ids = [b.seq_id[i][0] for i in range(b.n_tokens)]
+    assert ids == sorted(ids) and set(ids) == {0, 2, 3}
+    added = {s.slot: k for s, k, _ in rows}
+    # Both decode tokens go in; the budget of 20 goes to prompts in admission order.
+    assert added == {2: 1, 0: 1, 3: 20}  # slot 1's prompt waits for the next step
+    logits = [i for i in range(b.n_tokens) if b.logits[i]]
+    assert [ids[i] for i in logits] == [0, 2]  # slot 3's prompt is not done yet
+    assert {s.slot: i for s, _, i in rows if i >= 0} == {0: logits[0], 2: logits[1]}
+
+
 def test_decode_failures_end_the_request_not_the_engine(monkeypatch):
     engine = LlamaCppEngine(ModelSpec(name="smollm2", path=model_path(), num_ctx=256,
                                       num_parallel=2))
