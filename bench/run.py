@@ -2,6 +2,8 @@
 
     python -m bench                       # kiln, llama-server, llama-cpp-python's server
     python -m bench --targets kiln,llama-server --concurrency 1,8
+    python -m bench --targets kiln,kiln-openvino --baseline kiln --concurrency 1,8 \\
+        --no-overflow --no-readme --out bench/results/openvino   # OpenVINO vs llama.cpp
 
 Every target's server starts on a free loopback port and is warmed up; then, per
 repeat, the rounds at each concurrency (aggregate tokens/s, TTFT p50/p95, completed /
@@ -37,12 +39,14 @@ from bench import load, overflow, report, servers
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("KILN_BENCH_CACHE", Path.home() / ".cache" / "kiln-bench"))
 ALL_TARGETS = ("llama-server", "kiln", "llama-cpp-python")
+OPTIONAL_TARGETS = ("kiln-openvino",)  # only when asked for: it needs the compile extra
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated, from {', '.join(ALL_TARGETS)} (default: all)")
+                   help=f"comma-separated, from {', '.join(ALL_TARGETS + OPTIONAL_TARGETS)} "
+                        f"(default: {','.join(ALL_TARGETS)})")
     p.add_argument("--external", action="append", default=[], metavar="NAME=URL,MODEL[,API]",
                    help="also measure a server that is already running (API: openai or ollama)")
     p.add_argument("--baseline", default="llama-server", help="the target the goals are ratios of")
@@ -178,7 +182,7 @@ async def _measure(targets: list[servers.Target], srvs: dict[str, servers.Runnin
 
 def _targets(a: argparse.Namespace, cfg: servers.Config) -> list[servers.Target]:
     names = [n.strip() for n in a.targets.split(",") if n.strip()]
-    unknown = set(names) - set(ALL_TARGETS)
+    unknown = set(names) - set(ALL_TARGETS) - set(OPTIONAL_TARGETS)
     if unknown:
         raise SystemExit(f"unknown target(s): {', '.join(sorted(unknown))}")
     out = []
@@ -192,6 +196,8 @@ def _targets(a: argparse.Namespace, cfg: servers.Config) -> list[servers.Target]
             out.append(servers.kiln(cfg))
         elif n == "llama-cpp-python":
             out.append(servers.llama_cpp_python(cfg))
+        elif n == "kiln-openvino":
+            out.append(servers.kiln_openvino(cfg, cfg.work_dir / "logs"))
     return out + [servers.external(spec) for spec in a.external]
 
 

@@ -1,8 +1,8 @@
 """Benchmark targets: a server the bench starts (or finds running), its base URL, the
 model name to ask for and the API flavour to speak.
 
-A ``Target`` is data, so a new one (issue 4's OpenVINO-backed kiln model, another
-engine) is a few lines here and nothing anywhere else. Every server runs on a free
+A ``Target`` is data, so a new one (another engine, kiln on another backend) is a
+few lines here and nothing anywhere else. Every server runs on a free
 loopback port in its own process group, and ``running()`` kills it on the way out,
 exception and Ctrl-C included; a module-level ``atexit`` hook is the last resort.
 """
@@ -85,6 +85,45 @@ def kiln(cfg: Config, *, name: str = "kiln", model: str = "smollm2:135m", parall
         settings += f" KILN_MAX_QUEUE={max_queue}"
     return Target(name, model, argv=[str(kiln_bin), "serve"], env=env, ready_path="/", kind="kiln",
                   settings=settings)
+
+
+OPENVINO_MODEL = "smollm2-ov:135m"
+
+
+def kiln_openvino(cfg: Config, log_dir: Path) -> Target:
+    """kiln serving the same GGUF through OpenVINO GenAI on the CPU: the int4 IR that
+    ``kiln compile --profile cpu`` makes of it (its defaults: int4 asymmetric, group
+    128), compiled into the bench's store once and reused while the GGUF is the same."""
+    store = cfg.work_dir / "kiln-models"
+    compile_openvino(cfg.gguf, OPENVINO_MODEL, store, log_dir)
+    t = kiln(cfg, name="kiln-openvino", model=OPENVINO_MODEL)
+    t.settings += (" (the same variables; OpenVINO GenAI's ContinuousBatchingPipeline on the CPU, "
+                   "max_num_seqs = KILN_NUM_PARALLEL) serving `kiln compile --profile cpu` of the "
+                   "GGUF: int4 asymmetric, group size 128")
+    return t
+
+
+def compile_openvino(gguf: Path, name: str, store: Path, log_dir: Path) -> None:
+    """Runs ``python -m compile`` unless the store already has ``name`` made from this
+    very GGUF with the cpu profile's defaults. Needs kiln's compile extra."""
+    from backends.store import ModelStore, sha256_file
+
+    st = ModelStore(store)
+    if st.exists(name):
+        extra = st.get(name).extra
+        if (extra.get("source_sha256") == sha256_file(gguf) and extra.get("profile") == "cpu"
+                and extra.get("weight_format") == "int4"):
+            return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "compile-openvino.log"
+    print(f"compiling {gguf.name} for OpenVINO (a few minutes, once; log {log_path})", flush=True)
+    with open(log_path, "wb") as log:
+        rc = subprocess.run([sys.executable, "-m", "compile", str(gguf), "--name", name,
+                             "--profile", "cpu", "--store", str(store)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    if rc != 0:
+        raise RuntimeError(f"kiln compile failed ({rc}); is the compile extra installed? "
+                           f"log {log_path}:\n{_tail(log_path)}")
 
 
 def llama_cpp_python(cfg: Config) -> Target:
