@@ -299,6 +299,7 @@ class _Run:
         self.guard = LoopGuard(config)
         self.think = ThinkStream(p.request.prompt) if p.inference.think else None
         self.t_gen = time.monotonic_ns()
+        self.itl = service.metrics.itl.labels(self.name)  # looked up once, observed per token
         self.first = self.last = self.n_out = 0
         self.text: list[str] = []
         self.thinking: list[str] = []
@@ -337,7 +338,7 @@ class _Run:
     def _timing(self) -> None:
         now = time.monotonic_ns()
         if self.last:
-            self.s.metrics.itl.labels(self.name).observe((now - self.last) / 1e9)
+            self.itl.observe((now - self.last) / 1e9)
         else:
             self.first = now
             self.trace["ttft_ms"] = round((now - self.t0) / 1e6, 1)
