@@ -36,6 +36,7 @@ from backends.bundled import smollm2_path  # noqa: E402
 from backends.llamacpp import LlamaCppEngine  # noqa: E402
 from backends.schema_gbnf import convert  # noqa: E402
 from server.tools import call_schema  # noqa: E402
+from tests.schemas import PERSON  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
@@ -44,12 +45,6 @@ _spec = importlib.util.spec_from_file_location(
 gbnf_match = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gbnf_match)
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 40},
-    "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "city": {"type": "string", "maxLength": 40},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
-    "required": ["name", "age", "city"], "additionalProperties": False}
 ADDRESS_BOOK = {
     "$defs": {"Address": {"type": "object", "properties": {
         "street": {"type": "string", "maxLength": 30},

@@ -10,15 +10,11 @@ import ollama
 import openai
 import pytest
 
+from tests.schemas import PERSON
+
 pytestmark = pytest.mark.real_model
 MODEL = "smollm2:135m"
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 40},
-    "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "city": {"type": "string", "maxLength": 40},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
-    "required": ["name", "age", "city"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {

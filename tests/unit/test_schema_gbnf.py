@@ -26,18 +26,13 @@ from hypothesis import strategies as st
 from backends import schema_gbnf
 from backends.schema_gbnf import SchemaError, convert
 from gbnf_match import Grammar
+from tests.schemas import PERSON
 
 # Hypothesis's caches go to a temporary directory: nothing is written into the checkout.
 _HOME = tempfile.mkdtemp(prefix="kiln-schema-gbnf-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 hypothesis.configuration.set_hypothesis_home_dir(_HOME)
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 40},
-    "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "city": {"type": "string", "maxLength": 40},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
-    "required": ["name", "age", "city"], "additionalProperties": False}
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
