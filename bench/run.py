@@ -60,7 +60,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per round")
     p.add_argument("--agent-sessions", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2,
-                   help="measure every target this many times; the tables show medians")
+                   help="measure every target this many times; the tables show the best repeat, the JSON all")
     p.add_argument("--overflow-clients", type=int, default=16)
     p.add_argument("--overflow-parallel", type=int, default=4)
     p.add_argument("--overflow-queue", type=int, default=8)
