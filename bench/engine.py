@@ -7,7 +7,8 @@ request when the last one ends, as ``python -m bench`` does over HTTP) on the sa
 prompts, and times every ``llama_decode`` by what the batch held: how many sequences,
 in how many runs of consecutive slot ids (llama.cpp evaluates each run separately when
 every sequence has its own KV cache), and whether prompt tokens were in it. Also the
-engine thread's own time between decodes (sampling, detokenizing, emitting). Compare
+engine thread's own time between decodes (sampling, detokenizing, emitting); with
+``--structured``, under a JSON schema, where that time is grammar sampling. Compare
 its tokens/s with the HTTP bench's: the difference is the gateway.
 """
 
@@ -59,7 +60,26 @@ class Timed:
         return rc
 
 
-def run(eng: engine_module.LlamaCppEngine, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+# --structured: JSON answers constrained by this schema (grammar sampling's cost).
+PEOPLE = {"type": "object", "properties": {"people": {
+    "type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "city": {"type": "string", "maxLength": 30}},
+        "required": ["name", "age", "city"]}}}, "required": ["people"]}
+
+
+def prompt(i: int, tag: str, structured: bool) -> str:
+    if structured:
+        topic = workload.TOPICS[i % len(workload.TOPICS)]
+        return chatml([{"role": "user", "content": f"[{tag}-{i}] List four fictional people who love "
+                                                    f"{topic}, as JSON with name, age and city."}])
+    return chatml(workload.essay_messages(i, tag))
+
+
+def run(eng: engine_module.LlamaCppEngine, clients: int, per_client: int, max_tokens: int,
+        structured: bool = False) -> dict[str, Any]:
     tokens, ttft, lock, tag = [0], [], threading.Lock(), uuid.uuid4().hex[:6]
 
     def client(k: int) -> None:
@@ -75,8 +95,9 @@ def run(eng: engine_module.LlamaCppEngine, clients: int, per_client: int, max_to
                     done.set()
 
             i = k * per_client + j
-            eng.submit(GenerationRequest(prompt=chatml(workload.essay_messages(i, tag)), sampling=SamplingParams(
-                max_tokens=max_tokens, temperature=0.7, top_p=0.9, seed=1234 + i)), emit)
+            eng.submit(GenerationRequest(
+                prompt=prompt(i, tag, structured), json_schema=PEOPLE if structured else None,
+                sampling=SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.9, seed=1234 + i)), emit)
             done.wait()
             ttft.append(first[0])
 
@@ -99,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--structured", action="store_true",
+                   help="JSON answers under a JSON schema (a grammar), to time constrained sampling")
     a = p.parse_args(argv)
     gguf = a.model
     if gguf is None:
@@ -125,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in [int(x) for x in a.concurrency.split(",")]:
             timed.by_shape.clear()
             timed.decode_s = between[0] = 0.0
-            r = run(eng, c, a.requests_per_client, a.max_tokens)
+            r = run(eng, c, a.requests_per_client, a.max_tokens, a.structured)
             n = sum(len(v) for v in timed.by_shape.values())
             print(f"concurrency {c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f} s, {n} decodes, "
                   f"engine thread between decodes {between[0] / max(n, 1) * 1000:.2f} ms per decode")
