@@ -1,0 +1,320 @@
+"""The engine: device choice with fallback, loading, and the Engine protocol."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from backends.base import (
+    BackendError,
+    Capabilities,
+    Emit,
+    Engine,
+    GenerationRequest,
+    InvalidRequest,
+    ModelSpec,
+)
+from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN,
+                                      _Request, short_error)
+from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
+
+log = logging.getLogger("kiln.openvino")
+
+
+class OpenVINOEngine(Engine):
+    name = "openvino"
+    # No grammar: OpenVINO GenAI compiles a structured-output grammar (xgrammar) inside
+    # step(), and one that fails to compile makes that and every later step() of the
+    # pipeline fail (probed on 2026.4.1); there is no way to check a grammar first
+    # without the xgrammar package, which needs torch.
+    capabilities = Capabilities(batching=True, tokenize=True, grammar=False, embeddings=False)
+
+    def __init__(self, spec: ModelSpec) -> None:
+        import openvino_genai as ov_genai  # imported here: the gateway never loads OpenVINO
+
+        self.ov_genai = ov_genai
+        self.spec = spec
+        extra = spec.extra or {}
+        self.path = Path(spec.path)
+        if not self.path.exists():
+            raise BackendError(f"model not found: {spec.path}")
+        if self.path.is_file() and self.path.suffix.lower() != ".gguf" and _is_gguf(self.path):
+            self.path = self._gguf_link(self.path)
+        self.is_gguf = self.path.suffix.lower() == ".gguf"
+        if not self.is_gguf and not (self.path / "openvino_model.xml").is_file():
+            raise BackendError(f"{spec.path} is neither a .gguf file nor an OpenVINO IR directory "
+                               "(no openvino_model.xml)")
+        self.max_prompt_len = int(extra.get("max_prompt_len") or DEFAULT_MAX_PROMPT_LEN)
+        self.min_response_len = int(extra.get("min_response_len") or DEFAULT_MIN_RESPONSE_LEN)
+        self.npuw_devices = extra.get("npuw_devices") or None
+        self.devices = [d.strip() for d in (spec.devices or DEFAULT_DEVICES) if d.strip()]
+        self.fallbacks: list[dict[str, str]] = []
+        self.device: str | None = None
+        self.pipeline = ""
+        self.cache = "none"
+        self._tok_lock = threading.Lock()
+        self._runner: _Runner | None = None
+        t0 = time.monotonic()
+        for device in self.devices:
+            self.cache = "none"
+            reason = self._unusable(device)
+            if reason is None:
+                try:
+                    self._runner = self._load(device)
+                    self.device = device
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure means "try the next device"
+                    reason = short_error(e)
+            self.fallbacks.append({"device": device, "error": reason})
+            log.warning("%s: %s cannot run it: %s", spec.name, device, reason)
+        if self._runner is None:
+            tried = "; ".join(f"{f['device']}: {f['error']}" for f in self.fallbacks) or "no devices given"
+            raise BackendError(f"could not load {spec.name} on any device ({tried})")
+        if self.fallbacks:
+            log.warning("%s runs on %s (fell back from %s)", spec.name, self.device,
+                        ", ".join(f["device"] for f in self.fallbacks))
+        self.load_seconds = round(time.monotonic() - t0, 3)
+        self.tokenizer = self._runner.tokenizer
+        self._bos = self._bos_prefix()
+        self._runner.start(self)
+
+    # -- loading -------------------------------------------------------------------
+    def _gguf_link(self, blob: Path) -> Path:
+        """OpenVINO GenAI knows a GGUF by its extension, and store blobs have none."""
+        d = Path(self.spec.cache_dir or tempfile.gettempdir()) / "gguf-links"
+        d.mkdir(parents=True, exist_ok=True)
+        link = d / f"{blob.name}.gguf"
+        if not (link.is_symlink() and link.resolve() == blob.resolve()):
+            tmp = d / f".{blob.name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(blob.resolve())
+            tmp.replace(link)
+        return link
+
+    def _unusable(self, device: str) -> str | None:
+        if device.upper().startswith("NPU") and self.is_gguf:
+            return ("a GGUF file cannot run on the NPU (its static pipeline needs an exported IR: "
+                    "kiln compile <model.gguf> --name NAME --profile npu)")
+        return None
+
+    def _properties(self, device: str) -> dict[str, Any]:
+        extra = self.spec.extra or {}
+        props: dict[str, Any] = dict(extra.get("ov_properties") or {})
+        props.update((extra.get("device_properties") or {}).get(device.split(".")[0], {}))
+        if device.upper() == "CPU" and self.spec.num_threads > 0:
+            props.setdefault("INFERENCE_NUM_THREADS", self.spec.num_threads)
+        return props
+
+    def _load(self, device: str) -> _Runner:
+        if device.upper().startswith("NPU"):
+            return self._load_npu(device)
+        return self._load_cb(device)
+
+    def _load_cb(self, device: str) -> _Runner:
+        g = self.ov_genai
+        extra = self.spec.extra or {}
+        num_ctx = max(16, int(self.spec.num_ctx))
+        seqs = max(1, int(self.spec.num_parallel))
+        block = int(extra.get("kv_block_size") or (32 if device.upper() == "CPU" else 16))
+        sc = g.SchedulerConfig()
+        sc.max_num_seqs = seqs
+        sc.max_num_batched_tokens = int(extra.get("max_num_batched_tokens") or max(self.spec.num_batch, 256))
+        sc.dynamic_split_fuse = True
+        sc.enable_prefix_caching = bool(extra.get("enable_prefix_caching", True))
+        # Every sequence may hold a full context at once: no preemption, no KV cut.
+        sc.num_kv_blocks = seqs * (-(-(num_ctx + 1) // block) + 1)
+        props = self._properties(device)
+        if self.spec.cache_dir:
+            props.setdefault("CACHE_DIR", self.spec.cache_dir)
+            self.cache = "cache-dir"
+        self.pipeline = "continuous_batching"
+        return _ContinuousBatching(lambda: g.ContinuousBatchingPipeline(str(self.path), sc, device, props, {}),
+                                   num_ctx, seqs)
+
+    def _load_npu(self, device: str) -> _Runner:
+        g = self.ov_genai
+        extra = self.spec.extra or {}
+        props = self._properties(device)
+        props.update(MAX_PROMPT_LEN=self.max_prompt_len, MIN_RESPONSE_LEN=self.min_response_len)
+        if self.npuw_devices:
+            props["NPUW_DEVICES"] = self.npuw_devices
+        if extra.get("npuw_online_pipeline"):
+            props["NPUW_ONLINE_PIPELINE"] = extra["npuw_online_pipeline"]
+        pipe = None
+        blob, note = self._usable_blob()
+        if blob is not None:
+            try:
+                pipe = g.LLMPipeline(str(self.path), device, **props, BLOB_PATH=str(blob),
+                                     WEIGHTS_PATH=str(self.path / "openvino_model.bin"))
+                self.cache = "blob-import"
+            except Exception as e:  # noqa: BLE001 - a stale blob must not cost the NPU
+                log.warning("%s: the NPU blob %s did not import (%s); compiling afresh",
+                            self.spec.name, blob, short_error(e))
+                note = f"blob-import failed ({short_error(e, 160)}); "
+        if pipe is None:
+            cache_dir = self.spec.cache_dir
+            if cache_dir:
+                props["CACHE_DIR"] = cache_dir
+                before = _listing(cache_dir)
+                pipe = g.LLMPipeline(str(self.path), device, **props)
+                self.cache = note + ("cache-dir cold" if _listing(cache_dir) - before else "cache-dir warm")
+            else:
+                pipe = g.LLMPipeline(str(self.path), device, **props)
+                self.cache = note + "none"
+        self.pipeline = "npu_static"
+        return _NpuStatic(pipe, self.max_prompt_len, self.min_response_len)
+
+    def _usable_blob(self) -> tuple[Path | None, str]:
+        """The ahead-of-time NPU blob, if it was built for the settings in force; else
+        (None, a note for info()["cache"])."""
+        extra = self.spec.extra or {}
+        if not extra.get("npu_blob") or self.is_gguf:
+            return None, ""
+        blob = Path(extra["npu_blob"])
+        blob = blob if blob.is_absolute() else self.path / blob
+        if not blob.is_file():
+            return None, "blob missing; "
+        built = extra.get("npu_blob_config") or {}
+        wanted = {"max_prompt_len": self.max_prompt_len, "min_response_len": self.min_response_len,
+                  "npuw_devices": self.npuw_devices}
+        differ = sorted(k for k, v in wanted.items() if built.get(k) != v)
+        if differ:
+            return None, f"blob built for other {', '.join(differ)}; "
+        return blob, ""
+
+    # -- tokens --------------------------------------------------------------------
+    def _bos_prefix(self) -> list[int]:
+        """What the tokenizer adds in front with add_special_tokens (usually BOS).
+
+        The gateway's prompt is already templated, special tokens as text. llama.cpp
+        parses those and adds BOS when the model asks for it; do the same, without
+        doubling a BOS the template already wrote."""
+        plain = self._encode_raw("a", False)
+        full = self._encode_raw("a", True)
+        n = len(full) - len(plain)
+        return full[:n] if n > 0 and full[n:] == plain else []
+
+    def _encode_raw(self, text: str, special: bool) -> list[int]:
+        with self._tok_lock:
+            t = self.tokenizer.encode(text, add_special_tokens=special).input_ids
+        return [int(x) for x in t.data[0]]
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = self._encode_raw(text, False)
+        if self._bos and ids[: len(self._bos)] != self._bos:
+            ids = self._bos + ids
+        return ids
+
+    def check_prompt(self, n_tokens: int) -> None:
+        """Raises ``InvalidRequest`` for a prompt the NPU's static shapes cannot take.
+        The gateway calls it (or compares with ``info()["max_prompt_len"]``) before
+        submitting, to answer 400 without a device call."""
+        if self.pipeline == "npu_static" and n_tokens > self.max_prompt_len:
+            raise InvalidRequest(self._too_long(n_tokens))
+
+    def validate(self, req: GenerationRequest) -> None:
+        """What the gateway asks before streaming, to answer 400 rather than fail midway."""
+        if req.json_schema is not None or req.grammar:
+            raise InvalidRequest("the openvino backend does not do grammar-constrained decoding")
+        if self.pipeline == "npu_static":
+            self.check_prompt(len(self.tokenize(req.prompt)))
+
+    def _too_long(self, n: int) -> str:
+        source = (self.spec.extra or {}).get("source") or "SOURCE"
+        suggest = -(-n // 1024) * 1024
+        return (f"the prompt is {n} tokens; this model was compiled for the NPU with "
+                f"MAX_PROMPT_LEN={self.max_prompt_len}. Recompile with a larger limit: "
+                f"kiln compile {source} --name {self.spec.name} --profile npu --max-prompt-len {suggest}")
+
+    def generation_config(self, req: GenerationRequest, max_new: int) -> Any:
+        g = self.ov_genai
+        s = req.sampling
+        c = g.GenerationConfig()
+        c.apply_chat_template = False  # the gateway renders the template
+        base = self._runner.base_config if self._runner else None
+        if base is not None:
+            if base.eos_token_id >= 0:
+                c.eos_token_id = base.eos_token_id
+            c.stop_token_ids = set(base.stop_token_ids)
+        c.max_new_tokens = max_new
+        if s.temperature > 0:
+            c.do_sample = True
+            c.temperature = float(s.temperature)
+            if 0 < s.top_p < 1:
+                c.top_p = float(s.top_p)
+            if s.top_k > 0:
+                c.top_k = int(s.top_k)
+            if s.min_p > 0:
+                c.min_p = float(s.min_p)
+            c.rng_seed = int(s.seed) if s.seed is not None else random.getrandbits(31)
+        if s.repeat_penalty > 0:
+            c.repetition_penalty = float(s.repeat_penalty)
+        c.presence_penalty = float(s.presence_penalty)
+        c.frequency_penalty = float(s.frequency_penalty)
+        if req.json_schema is not None or req.grammar:
+            raise InvalidRequest("the openvino backend does not do grammar-constrained decoding")
+        c.validate()
+        return c
+
+    # -- the protocol ----------------------------------------------------------------
+    def submit(self, req: GenerationRequest, emit: Emit) -> None:
+        st = _Request(req, emit, self._decode)
+        try:
+            assert self._runner is not None
+            self._runner.submit(st)
+        except Exception as e:  # noqa: BLE001 - submit never raises
+            st.fail(f"could not queue the request: {e}")
+
+    def cancel(self, req_id: str) -> None:
+        if self._runner is not None:
+            self._runner.cancel(req_id)
+
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "device": self.device,
+            "devices": self.devices,
+            "fallbacks": list(self.fallbacks),
+            "pipeline": self.pipeline,
+            "format": "gguf" if self.is_gguf else "openvino",
+            "load_seconds": self.load_seconds,
+            "cache": self.cache,
+        }
+        if self.pipeline == "npu_static":
+            d.update(max_prompt_len=self.max_prompt_len, min_response_len=self.min_response_len,
+                     num_ctx=self.max_prompt_len + self.min_response_len, num_parallel=1)
+            if self.npuw_devices:
+                d["npuw_devices"] = self.npuw_devices
+        elif isinstance(self._runner, _ContinuousBatching):
+            d.update(num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs,
+                     kv_cache_bytes=self._runner.kv_cache_bytes)
+        return d
+
+    def stats(self) -> dict[str, Any]:
+        return self._runner.stats() if self._runner else {}
+
+    def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _listing(d: str) -> set[str]:
+    try:
+        return {str(p) for p in Path(d).rglob("*")}
+    except OSError:
+        return set()

@@ -1,0 +1,99 @@
+"""Defaults, and one request's state between its runner and its stream."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backends.base import Chunk, Emit, FinishReason, GenerationRequest, Usage
+from backends.text import StopMatcher
+
+DEFAULT_DEVICES = ["NPU", "GPU", "CPU"]
+DEFAULT_MAX_PROMPT_LEN = 1024
+DEFAULT_MIN_RESPONSE_LEN = 128
+
+
+def short_error(e: BaseException, limit: int = 400) -> str:
+    """OpenVINO errors carry a chain of "Exception from <file>:<line>:" lines; keep
+    the lines that say what went wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith("Exception from ")]
+    text = " ".join(useful) or str(e).strip() or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Detokenizer:
+    """Incremental decoding, as vLLM does it: decode a window of a few tokens before
+    the new ones and emit only what they add. Text ending in U+FFFD (half a UTF-8
+    character) is held back until the next token completes it."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window
+        self.read = 0  # tokens already turned into emitted text
+
+    def feed(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :].rstrip("\ufffd")
+
+
+class _Request:
+    """One generation in flight: decoding, stop strings, counts and the last chunk."""
+
+    def __init__(self, req: GenerationRequest, emit: Emit, decode: Any) -> None:
+        self.req, self.emit = req, emit
+        self.detok = _Detokenizer(decode)
+        self.stop = StopMatcher(req.sampling.stop)
+        self.prompt_tokens = 0
+        self.generated = 0
+        self.pending = 0  # tokens read but not yet reported in a chunk
+        self.max_new = 0
+        self.capped_by: str | None = None  # why max_new is below what was asked
+        self.cancelled = False
+        self.done = False
+        self.t0 = time.monotonic_ns()
+        self.t_first: int | None = None
+
+    def feed(self, ids: list[int]) -> bool:
+        """Takes generated ids; emits the text they complete. True on a stop string."""
+        if not ids or self.done:
+            return self.stop.stopped
+        if self.t_first is None:
+            self.t_first = time.monotonic_ns()
+        self.generated += len(ids)
+        self.pending += len(ids)
+        text = self.stop.feed(self.detok.feed(ids))
+        if text:
+            self.emit(Chunk(text=text, n_tokens=self.pending))
+            self.pending = 0
+        return self.stop.stopped
+
+    def finish(self, reason: FinishReason, detail: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        tail = ""
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and not self.stop.stopped:
+            tail = self.stop.feed(self.detok.flush())
+            tail += "" if self.stop.stopped else self.stop.flush()
+        now = time.monotonic_ns()
+        first = self.t_first or now
+        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
+                      prompt_ns=max(1, first - self.t0), eval_ns=max(1, now - first))
+        self.emit(Chunk(text=tail, n_tokens=self.pending, finish_reason=reason, usage=usage,
+                        detail=detail))
+
+    def fail(self, detail: str) -> None:
+        self.finish(FinishReason.ERROR, detail)
