@@ -158,7 +158,7 @@ class ModelSpec:
     num_ctx: int = 4096  # context per sequence
     num_parallel: int = 1  # sequences that can run at once
     num_batch: int = 512
-    num_threads: int = 0  # 0 = all cores
+    num_threads: int = 0  # 0 = the engine's default (llama.cpp: the physical cores)
     devices: list[str] = field(default_factory=list)  # OpenVINO device preference
     cache_dir: str | None = None
     embedding: bool = False

@@ -31,6 +31,7 @@ import numpy as np
 from backends.base import (BackendError, Capabilities, Chunk, Emit, Embeddings, Engine,
                            FinishReason, GenerationRequest, InvalidRequest, ModelSpec, SamplingParams,
                            Usage)
+from backends.cpus import physical_cores
 from backends.gguf import read_gguf
 from backends.text import StopMatcher, Utf8Stream
 
@@ -203,7 +204,7 @@ class LlamaCppEngine(Engine):
         n_par = max(1, min(spec.num_parallel, L.llama_max_parallel_sequences()))
         if n_par != spec.num_parallel:
             log.warning("num_parallel %d is out of range; using %d", spec.num_parallel, n_par)
-        self.n_threads = spec.num_threads or os.cpu_count() or 1
+        self.n_threads = spec.num_threads or physical_cores()
         # Every generating sequence puts one token in each batch.
         self.n_batch = max(spec.num_batch, n_par)
 

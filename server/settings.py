@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         description="The model `kiln run` uses when none is named.")
     threads: int = Field(
         0, ge=0, validation_alias=_env("KILN_THREADS"),
-        description="CPU threads per model (0 = all cores).")
+        description="CPU threads per model (0 = the physical cores this process may use).")
     load_timeout: float = Field(
         300.0, gt=0, validation_alias=_env("KILN_LOAD_TIMEOUT", "OLLAMA_LOAD_TIMEOUT"),
         description="Seconds a model may take to load.")
