@@ -99,7 +99,8 @@ def kiln_openvino(cfg: Config, log_dir: Path) -> Target:
     t = kiln(cfg, name="kiln-openvino", model=OPENVINO_MODEL)
     t.settings += (" (the same variables; OpenVINO GenAI's ContinuousBatchingPipeline on the CPU, "
                    "max_num_seqs = KILN_NUM_PARALLEL) serving `kiln compile --profile cpu` of the "
-                   "GGUF: int4 asymmetric, group size 128")
+                   "GGUF: int4 asymmetric, group size 128 (64 where 128 does not divide a layer), "
+                   "the embedding int8")
     return t
 
 
