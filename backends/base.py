@@ -90,6 +90,11 @@ class GenerationRequest:
     json_schema: dict[str, Any] | None = None  # the schema the grammar came from
     loop_guard: dict[str, Any] | None = None  # see backends.guard.LoopGuard
 
+    @property
+    def constrained(self) -> bool:
+        """Output held to a grammar (given, or made from ``json_schema``)."""
+        return self.json_schema is not None or bool(self.grammar)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -111,6 +111,7 @@ class _Candidates:
         self.ptr = self.buf.ctypes.data_as(L.llama_token_data_p)
         self.arr = L.llama_token_data_array()
         self.one = (L.llama_token_data * 1)()
+        self.one_ptr = ctypes.cast(self.one, L.llama_token_data_p)
         self.one_arr = L.llama_token_data_array()
 
     def of(self, ctx: Any, i: int) -> Any:
@@ -126,7 +127,7 @@ class _Candidates:
         """An array of one token, to ask a grammar about it."""
         self.one[0].id, self.one[0].logit, self.one[0].p = tok, 0.0, 0.0
         a = self.one_arr
-        a.data, a.size, a.selected, a.sorted = ctypes.cast(self.one, L.llama_token_data_p), 1, -1, False
+        a.data, a.size, a.selected, a.sorted = self.one_ptr, 1, -1, False
         return ctypes.byref(a)
 
     def selected(self) -> int:
@@ -341,12 +342,19 @@ class LlamaCppEngine(Engine):
             return Embeddings(vectors, sum(len(t) for t in toks))
 
     def validate(self, req: GenerationRequest) -> None:
-        grammar = _grammar(req)
-        if grammar:
-            g = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
-            if not g:
-                raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")
+        g = self._grammar_sampler(req)
+        if g:
             L.llama_sampler_free(g)
+
+    def _grammar_sampler(self, req: GenerationRequest) -> Any:
+        """The request's grammar as a sampler (the caller frees it), or None."""
+        grammar = _grammar(req)
+        if not grammar:
+            return None
+        g = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not g:
+            raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")
+        return g
 
     def info(self) -> dict[str, Any]:
         return {
@@ -487,12 +495,7 @@ class LlamaCppEngine(Engine):
 
     def _sampler(self, req: GenerationRequest, prompt: list[int]) -> _Sampling:
         """The request's samplers (see ``_Sampling``); the caller frees them."""
-        grammar, g = _grammar(req), None
-        if grammar:
-            g = L.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
-            if not g:
-                raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")
-        return _Sampling(self._chain(req.sampling, prompt), g)
+        return _Sampling(self._chain(req.sampling, prompt), self._grammar_sampler(req))
 
     def _chain(self, sp: SamplingParams, prompt: list[int]) -> Any:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())

@@ -250,7 +250,7 @@ class Service:
         if n >= ctx:
             raise BadRequest(f"the prompt is {n} tokens, more than the context window of {ctx} tokens "
                              f"(num_ctx); raise num_ctx or shorten the prompt")
-        if p.request.json_schema is not None or p.request.grammar:
+        if p.request.constrained:
             await runner.backend.validate(p.request)
         limit = runner.info.get("max_prompt_len")
         if limit and n > limit:
@@ -294,7 +294,7 @@ class _Run:
         self.usage = Usage(prompt_tokens=n_prompt)
         self.finish_reason, self.detail = FinishReason.STOP, None
         config = p.policy.guard_config()
-        if p.request.json_schema is not None or p.request.grammar:
+        if p.request.constrained:
             config = dataclasses.replace(config, max_ngram_repeats=0)  # see server/guard.py
         self.guard = LoopGuard(config)
         self.think = ThinkStream(p.request.prompt) if p.inference.think else None

@@ -79,7 +79,6 @@ class Runner:
     manifest: Manifest
     spec: ModelSpec
     backend: Backend
-    slots: asyncio.Semaphore
     info: dict[str, Any] = field(default_factory=dict)
     refcount: int = 0
     keep_alive: float = 300.0
@@ -87,6 +86,10 @@ class Runner:
     load_ns: int = 0
     timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.time)
+    slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.num_parallel)
 
     @property
     def num_ctx(self) -> int:
@@ -244,8 +247,7 @@ class Scheduler:
             except BaseException:
                 await backend.unload()
                 raise
-            slots = asyncio.Semaphore(int(info.get("num_parallel") or spec.num_parallel))
-            runner = Runner(key, m, spec, backend, slots, info=info,
+            runner = Runner(key, m, spec, backend, info=info,
                             keep_alive=self.default_keep_alive, load_ns=time.monotonic_ns() - t0)
             self.runners[key] = runner
             log.info("%s: loaded in %.2fs (%s)", m.name, runner.load_ns / 1e9, info.get("device", "?"))

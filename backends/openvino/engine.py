@@ -26,6 +26,8 @@ from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 
 log = logging.getLogger("kiln.openvino")
 
+NO_GRAMMAR = "the openvino backend does not do grammar-constrained decoding"
+
 
 class OpenVINOEngine(Engine):
     name = "openvino"
@@ -224,8 +226,8 @@ class OpenVINOEngine(Engine):
 
     def validate(self, req: GenerationRequest) -> None:
         """What the gateway asks before streaming, to answer 400 rather than fail midway."""
-        if req.json_schema is not None or req.grammar:
-            raise InvalidRequest("the openvino backend does not do grammar-constrained decoding")
+        if req.constrained:
+            raise InvalidRequest(NO_GRAMMAR)
         if self.pipeline == "npu_static":
             self.check_prompt(len(self.tokenize(req.prompt)))
 
@@ -261,8 +263,8 @@ class OpenVINOEngine(Engine):
             c.repetition_penalty = float(s.repeat_penalty)
         c.presence_penalty = float(s.presence_penalty)
         c.frequency_penalty = float(s.frequency_penalty)
-        if req.json_schema is not None or req.grammar:
-            raise InvalidRequest("the openvino backend does not do grammar-constrained decoding")
+        if req.constrained:  # also here: submit() may come without validate()
+            raise InvalidRequest(NO_GRAMMAR)
         c.validate()
         return c
 
