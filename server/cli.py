@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(e, file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `kiln run ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 141  # 128 + SIGPIPE, what a shell reports for a command cut off this way
 
 
 

@@ -38,6 +38,20 @@ def test_run_one_shot_streams_an_answer(server):
     assert r.stdout.strip()
 
 
+def test_run_into_a_closed_pipe_exits_quietly(server):
+    """`kiln run ... | head -1`: the reader goes away mid-stream; no traceback."""
+    env = {**os.environ, "KILN_HOST": server.host}
+    env.pop("OLLAMA_HOST", None)
+    p = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "smollm2:135m", "Count from 1 to 300.",
+                          "-o", "num_predict=300", "-o", "temperature=0"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.read(1)  # the answer has started
+    p.stdout.close()
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 141, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
 def test_run_interactive_reads_stdin(server):
     r = kiln(server, "run", "smollm2:135m", "-o", "num_predict=6", input="What is 2+2?\n")
     assert r.stdout.strip()
