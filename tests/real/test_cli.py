@@ -61,7 +61,7 @@ def test_create_from_gguf_uploads_a_blob(server, tmp_path):
     gguf = tmp_path / "copy.gguf"
     shutil.copy(smollm2_path(), gguf)
     mf = tmp_path / "Modelfile"
-    mf.write_text(f'FROM ./copy.gguf\nPARAMETER temperature 0\nPARAMETER num_predict 8\nSYSTEM """Be brief."""\n')
+    mf.write_text('FROM ./copy.gguf\nPARAMETER temperature 0\nPARAMETER num_predict 8\nSYSTEM """Be brief."""\n')
     r = kiln(server, "create", "cli-made:v1", "-f", str(mf))
     assert "success" in r.stderr
     assert "cli-made:v1" in kiln(server, "list").stdout
