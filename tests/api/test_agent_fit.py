@@ -50,6 +50,25 @@ def test_loop_guard_streaming_done_reason(make_client, fake_engine):
     assert lines[-1]["done"] and lines[-1]["done_reason"] == "loop"
 
 
+@pytest.mark.parametrize("tail, kept", [
+    ("end", "end"),  # the generation ends between two runs of the guard: its end is checked
+    (" ".join(f"w{i}" for i in range(20)), "w2"),  # the guard runs every 8 pieces: cut within 7
+])
+def test_loop_guard_checks_in_runs_of_pieces(make_client, fake_engine, tail, kept):
+    from server.inference import GUARD_EVERY
+
+    c = make_client()
+    # tokens 1-5 are x1..x5, 6-21 "7": the 21st token makes 16 in a row (the run check;
+    # a number, so the repeated-phrase check, which counts words, stays out of it)
+    fake_engine.enqueue("x1 x2 x3 x4 x5 " + "7 " * 16 + tail)
+    r = c.post("/api/generate", json={"model": "smollm2:135m", "prompt": "x", "stream": False})
+    body = r.json()
+    assert body["done_reason"] == "loop", body
+    words = body["response"].split()
+    assert 21 <= len(words) < 21 + GUARD_EVERY and words[-1] == kept, words
+    assert body["eval_count"] == len(words)
+
+
 def test_loop_guard_can_be_disabled(make_client, fake_engine):
     c = make_client(policy={"loop_guard": {"enabled": False}})
     fake_engine.enqueue("go " * 30)

@@ -1,0 +1,183 @@
+"""The gateway's own CPU time per streamed token, without an engine's noise.
+
+    python -m bench.gateway                      # both dialects, 20 streams of 64 tokens each
+    python -m bench.gateway --loop asyncio --http h11
+
+Runs kiln's app under uvicorn in this process, with a real worker process whose engine
+is the fake one: it emits a 64-word reply one word per ``--delay`` seconds (9 ms, about
+the bundled model's decode step on two cores), so the gateway wakes once per token as it
+does in front of llama.cpp at concurrency 1. A client in another process streams the
+replies one after the other; the report is this process's CPU time (every thread of the
+gateway, not the worker, not the client) and its context switches, per streamed token.
+
+Why this is its own bench: at concurrency 1 on two cores, llama.cpp's two decode threads
+use both cores, and every millisecond the gateway runs per token is taken from one of
+them, which stalls the other at the next barrier. What the gateway costs per token is
+mostly what a wake-up from a 9 ms sleep costs, with cold caches: a few microseconds of
+Python when warm take tens when cold, so the count of distinct layers a token passes
+through matters more than their speed in a hot loop (``--delay 0`` shows the warm cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MODEL = "smollm2:135m"  # the bundled model's name; its GGUF is never loaded here
+REPLY = " ".join(f"w{i}" for i in range(64))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.split("\n\n")[0])
+    p.add_argument("--delay", type=float, default=0.009, help="seconds between two tokens")
+    p.add_argument("--streams", type=int, default=20, help="streamed requests per dialect")
+    p.add_argument("--dialects", default="openai,ollama")
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
+    return p.parse_args(argv)
+
+
+# -- the client (another process, so its CPU time is not the gateway's) -------------------
+
+def stream_tokens(url: str, dialect: str, streams: int) -> int:
+    import json
+
+    tokens = 0
+    with httpx.Client(timeout=120) as c:
+        for i in range(streams):
+            messages = [{"role": "user", "content": f"request {i}"}]
+            if dialect == "openai":
+                body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": 100}
+                with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            choices = json.loads(line[6:])["choices"]
+                            tokens += bool(choices and choices[0]["delta"].get("content"))
+            else:
+                body = {"model": MODEL, "messages": messages, "options": {"num_predict": 100}}
+                with c.stream("POST", f"{url}/api/chat", json=body) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        tokens += bool(json.loads(line)["message"]["content"])
+    return tokens
+
+
+# -- the gateway --------------------------------------------------------------------------
+
+def context_switches() -> int:
+    total = 0
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/status") as f:
+            total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    return total
+
+
+def measure(url: str, dialect: str, streams: int) -> dict[str, Any]:
+    def client(n: int) -> int:
+        out = subprocess.run([sys.executable, "-m", "bench.gateway", "--client", url, "--dialects", dialect,
+                              "--streams", str(n)], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    client(2)  # loads the worker, warms the routes
+    switches, cpu, wall = context_switches(), time.process_time(), time.monotonic()
+    tokens = client(streams)
+    cpu, wall, switches = time.process_time() - cpu, time.monotonic() - wall, context_switches() - switches
+    if tokens == 0:
+        raise RuntimeError(f"no token came back on {dialect}")
+    return {"dialect": dialect, "tokens": tokens, "cpu_ms_per_token": 1000 * cpu / tokens,
+            "switches_per_token": switches / tokens, "tokens_per_s": tokens / wall}
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    if a.client:
+        print(sum(stream_tokens(a.client, d, a.streams) for d in a.dialects.split(",")))
+        return
+    import uvicorn
+
+    from backends.worker import WorkerBackend
+    from server.app import create_app
+    from server.settings import Settings
+
+    def fake_worker(spec: Any) -> WorkerBackend:
+        spec.backend = "fake"
+        spec.extra = {**spec.extra, "delay": a.delay, "reply": REPLY}
+        return WorkerBackend(spec)
+
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-gateway-") as tmp:
+        os.environ["KILN_CONFIG"] = str(Path(tmp) / "none.toml")  # the user's config file stays out
+        settings = Settings(models=Path(tmp) / "models", log_level="WARNING")
+        app = create_app(settings, fake_worker)
+        port = a.port or _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                               access_log=False, loop=a.loop, http=a.http))
+        results: list[dict[str, Any]] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}")
+                for dialect in a.dialects.split(","):
+                    results.append(measure(f"http://127.0.0.1:{port}", dialect, a.streams))
+            except BaseException as e:  # noqa: BLE001 - reported after the server stops
+                failure.append(e)
+            finally:
+                server.should_exit = True
+
+        threading.Thread(target=run, daemon=True).start()
+        server.run()
+        if failure:
+            raise SystemExit(f"bench.gateway failed: {failure[0]}")
+        print(f"event loop {_resolved(a.loop, 'uvloop', 'asyncio')}, HTTP {_resolved(a.http, 'httptools', 'h11')}; "
+              f"a token every {a.delay * 1000:g} ms; "
+              f"{a.streams} streams per dialect")
+        print("| dialect | tokens | gateway CPU ms / token | context switches / token | tokens/s |")
+        print("|---|--:|--:|--:|--:|")
+        for r in results:
+            print(f"| {r['dialect']} | {r['tokens']} | {r['cpu_ms_per_token']:.3f} | "
+                  f"{r['switches_per_token']:.2f} | {r['tokens_per_s']:.1f} |")
+
+
+def _resolved(choice: str, fast: str, fallback: str) -> str:
+    """What uvicorn's "auto" picks: the C implementation when it is installed."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    return fast if importlib.util.find_spec(fast) else fallback
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/tags", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the gateway did not start")
+
+
+if __name__ == "__main__":
+    main()
