@@ -51,6 +51,7 @@ from backends.base import (
 log = logging.getLogger("kiln.worker")
 
 _LINE_LIMIT = 256 << 20  # embeddings of long batches are big lines
+_LOG_LINE_LIMIT = 64 << 10  # stderr without a newline (a progress bar's \r) is logged in pieces
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -77,7 +78,10 @@ class _Pipes(asyncio.SubprocessProtocol):
         buf = self.buffers[fd]
         if b"\n" not in data:  # part of a line (embeddings come as long ones)
             buf += data
-            if len(buf) > _LINE_LIMIT:
+            if fd == 2 and len(buf) > _LOG_LINE_LIMIT:
+                self.handlers[2](bytes(buf))
+                buf.clear()
+            elif len(buf) > _LINE_LIMIT:
                 buf.clear()
                 self.fail(f"protocol error from the worker: a line longer than {_LINE_LIMIT} bytes")
             return
@@ -92,8 +96,8 @@ class _Pipes(asyncio.SubprocessProtocol):
                 return
             try:
                 self.handlers[fd](line)
-            except ValueError as e:
-                self.fail(f"protocol error from the worker: {e}")
+            except Exception as e:  # noqa: BLE001 - not JSON, or not a message
+                self.fail(f"protocol error from the worker: {type(e).__name__}: {e}")
 
     def fail(self, reason: str) -> None:
         """A worker that breaks the protocol is killed; ``connection_lost`` then reports it."""

@@ -90,7 +90,7 @@ def test_lines_are_split_whatever_the_pipe_delivers():
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("data", [b"not json\n", b"x" * 64])
+@pytest.mark.parametrize("data", [b"not json\n", b"x" * 64, b'["a list"]\n'])
 def test_a_worker_breaking_the_protocol_is_killed(monkeypatch, data):
     monkeypatch.setattr("backends.worker._LINE_LIMIT", 32)
 
@@ -105,5 +105,19 @@ def test_a_worker_breaking_the_protocol_is_killed(monkeypatch, data):
         assert pipes.error and pipes.error.startswith("protocol error from the worker")
         pipes.connection_lost(None)
         assert exits == [(None, pipes.error)]
+
+    asyncio.run(main())
+
+
+def test_stderr_without_newlines_is_logged_in_pieces(monkeypatch):
+    monkeypatch.setattr("backends.worker._LOG_LINE_LIMIT", 16)
+
+    async def main() -> None:
+        logged: list[bytes] = []
+        pipes = _Pipes(lambda line: None, logged.append, lambda rc, error: None)
+        for _ in range(5):
+            pipes.pipe_data_received(2, b"progress 10%\r")  # 13 bytes, never a newline
+        pipes.pipe_data_received(2, b"done\n")
+        assert pipes.error is None and b"".join(logged) == b"progress 10%\r" * 5 + b"done"
 
     asyncio.run(main())
