@@ -36,61 +36,39 @@ class LoopGuardConfig:
 
 
 class LoopGuard:
-    """Checks each piece in constant time: counters kept up to date as pieces arrive,
-    not the recent window scanned again (it runs once per streamed token)."""
-
     def __init__(self, config: LoopGuardConfig) -> None:
         self.c = config
-        self.tokens: collections.deque[str] = collections.deque(maxlen=config.cycle_tokens + 1)
-        self.run = 0  # how many times the last token came in a row
-        # streak[p]: how many tokens in a row equal the token p before them
-        self.streak = [0] * (config.max_period + 1)
-        self.line_len = 0  # tokens of the current line, up to the window
-        self.gram: tuple[str, ...] = ()  # the line's last n tokens
-        self.grams: collections.deque[tuple[str, ...]] = collections.deque(
-            maxlen=max(1, config.window - config.ngram + 1))  # the n-grams in the window
-        self.counts: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.tokens: collections.deque[str] = collections.deque(maxlen=max(config.window, config.cycle_tokens))
+        self.line: collections.deque[str] = collections.deque(maxlen=config.window)
         self.reason: str | None = None
 
     def feed(self, piece: str) -> bool:
         """Adds one generated piece; True when the generation should stop."""
         if not self.c.enabled or self.reason:
             return self.reason is not None
-        c = self.c
         token = piece.strip().lower() or piece
-        t = self.tokens
-        self.run = self.run + 1 if t and t[-1] == token else 1
-        t.append(token)
-        n, streak, period = len(t), self.streak, 0
-        for p in range(2, c.max_period + 1):
-            streak[p] = streak[p] + 1 if n > p and t[-1 - p] == token else 0
-            if not period and streak[p] >= c.cycle_tokens - p:
-                period = p  # the last cycle_tokens - p tokens each equal the one p before
-        if self.run >= c.max_run:
-            self.reason = f"the same token {token!r} {c.max_run} times in a row"
-        elif period and n >= c.cycle_tokens:
-            phrase = " ".join(list(t)[-period:])
-            self.reason = f"a {period}-token phrase repeated {c.cycle_tokens // period} times ({phrase[:60]!r})"
-        if c.max_ngram_repeats:
-            self._ngram(piece, token)
-        return self.reason is not None
-
-    def _ngram(self, piece: str, token: str) -> None:
-        c = self.c
+        self.tokens.append(token)
         if "\n" in piece:
-            self.line_len, self.gram = 0, ()
-            self.grams.clear()
-            self.counts.clear()
-            return
-        self.line_len = min(self.line_len + 1, c.window)
-        self.gram = (self.gram + (token,))[-c.ngram:]
-        if len(self.gram) < c.ngram:
-            return
-        if len(self.grams) == self.grams.maxlen:
-            self.counts[self.grams[0]] -= 1
-        self.grams.append(self.gram)
-        self.counts[self.gram] += 1
-        if self.reason is None and all(w.isalpha() for w in self.gram):
-            count = self.counts[self.gram]
-            if count >= c.max_ngram_repeats:
-                self.reason = f"the phrase {' '.join(self.gram)!r} {count} times in {self.line_len} tokens"
+            self.line.clear()
+        else:
+            self.line.append(token)
+        t = list(self.tokens)
+        n = len(t)
+        if n >= self.c.max_run and len(set(t[-self.c.max_run:])) == 1:
+            self.reason = f"the same token {t[-1]!r} {self.c.max_run} times in a row"
+        elif n >= self.c.cycle_tokens:
+            tail = t[-self.c.cycle_tokens:]
+            for p in range(2, self.c.max_period + 1):
+                if all(tail[i] == tail[i - p] for i in range(p, len(tail))):
+                    phrase = " ".join(tail[-p:])
+                    self.reason = f"a {p}-token phrase repeated {self.c.cycle_tokens // p} times ({phrase[:60]!r})"
+                    break
+        if self.reason is None and self.c.max_ngram_repeats and len(self.line) >= self.c.ngram:
+            window = list(self.line)
+            last = tuple(window[-self.c.ngram:])
+            if all(w.isalpha() for w in last):
+                count = sum(1 for i in range(len(window) - self.c.ngram + 1)
+                            if tuple(window[i:i + self.c.ngram]) == last)
+                if count >= self.c.max_ngram_repeats:
+                    self.reason = f"the phrase {' '.join(last)!r} {count} times in {len(window)} tokens"
+        return self.reason is not None
