@@ -138,8 +138,6 @@ class Chunk:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Chunk:
-        if len(d) == 2:  # a plain token: {"text", "n_tokens"} (once per streamed token)
-            return cls(d["text"], d["n_tokens"])
         return cls(
             text=d.get("text", ""),
             n_tokens=d.get("n_tokens", 0),

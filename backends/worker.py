@@ -204,11 +204,14 @@ class WorkerBackend(Backend):
         self._log.debug("%s", line.decode(errors="replace").rstrip())
 
     def _on_exit(self, rc: int | None, error: str | None) -> None:
-        reason = error or "the model's worker process exited"
-        if error is None and rc and rc < 0:
+        if error:
+            reason = error
+        elif rc and rc < 0:
             reason = f"the model's worker process was killed by signal {-rc}"
-        elif error is None and rc:
+        elif rc:
             reason = f"the model's worker process exited with status {rc}"
+        else:
+            reason = "the model's worker process exited"
         self._dead = self._dead or reason
         if self._ready and not self._ready.done():
             self._ready.set_exception(BackendError(reason))

@@ -306,7 +306,6 @@ class _Run:
         self.guard = LoopGuard(config)
         self.think = ThinkStream(p.request.prompt) if p.inference.think else None
         self.t_gen = time.monotonic_ns()
-        self.itl = service.metrics.itl.labels(self.name)
         self.gaps: list[float] = []  # inter-token latencies, observed in batches (see _timing)
         self.unguarded: list[str] = []  # pieces the loop guard has not seen yet (see GUARD_EVERY)
         self.first = self.last = self.n_out = 0
@@ -370,9 +369,11 @@ class _Run:
         self.last = now
 
     def _observe_gaps(self) -> None:
-        for gap in self.gaps:
-            self.itl.observe(gap)
-        self.gaps.clear()
+        if self.gaps:
+            itl = self.s.metrics.itl.labels(self.name)
+            for gap in self.gaps:
+                itl.observe(gap)
+            self.gaps.clear()
 
     def failed(self, e: BaseException) -> None:
         self._observe_gaps()
