@@ -21,6 +21,7 @@ through matters more than their speed in a hot loop (``--delay 0`` shows the war
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench import load, servers
 
 MODEL = "smollm2:135m"  # the bundled model's name; its GGUF is never loaded here
 REPLY = " ".join(f"w{i}" for i in range(64))
@@ -50,28 +51,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the client (another process, so its CPU time is not the gateway's) -------------------
 
-def stream_tokens(url: str, dialect: str, streams: int) -> int:
-    import json
-
-    tokens = 0
-    with httpx.Client(timeout=120) as c:
-        for i in range(streams):
-            messages = [{"role": "user", "content": f"request {i}"}]
-            if dialect == "openai":
-                body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": 100}
-                with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    for line in r.iter_lines():
-                        if line.startswith("data: {"):
-                            choices = json.loads(line[6:])["choices"]
-                            tokens += bool(choices and choices[0]["delta"].get("content"))
-            else:
-                body = {"model": MODEL, "messages": messages, "options": {"num_predict": 100}}
-                with c.stream("POST", f"{url}/api/chat", json=body) as r:
-                    r.raise_for_status()
-                    for line in r.iter_lines():
-                        tokens += bool(json.loads(line)["message"]["content"])
-    return tokens
+async def stream_tokens(url: str, dialect: str, streams: int) -> int:
+    """Streams ``streams`` replies one after the other, with the HTTP bench's client; the
+    tokens the server reported."""
+    s = (await load.run_round(url, dialect, MODEL, 1, streams, load.Sampling(max_tokens=100),
+                              "gateway")).summary()
+    if s["completed"] != streams:
+        raise SystemExit(f"{dialect}: {s['completed']} of {streams} streams completed: {s['error_samples']}")
+    return int(s["tokens"])
 
 
 # -- the gateway --------------------------------------------------------------------------
@@ -103,7 +90,7 @@ def measure(url: str, dialect: str, streams: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     if a.client:
-        print(sum(stream_tokens(a.client, d, a.streams) for d in a.dialects.split(",")))
+        print(sum(asyncio.run(stream_tokens(a.client, d, a.streams)) for d in a.dialects.split(",")))
         return
     import uvicorn
 
@@ -120,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["KILN_CONFIG"] = str(Path(tmp) / "none.toml")  # the user's config file stays out
         settings = Settings(models=Path(tmp) / "models", log_level="WARNING")
         app = create_app(settings, fake_worker)
-        port = a.port or _free_port()
+        port = a.port or servers.free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                access_log=False, loop=a.loop, http=a.http))
         results: list[dict[str, Any]] = []
@@ -128,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def run() -> None:
             try:
-                _wait_ready(f"http://127.0.0.1:{port}")
+                _wait_started(server)
                 for dialect in a.dialects.split(","):
                     results.append(measure(f"http://127.0.0.1:{port}", dialect, a.streams))
             except BaseException as e:  # noqa: BLE001 - reported after the server stops
@@ -159,24 +146,13 @@ def _resolved(choice: str, fast: str, fallback: str) -> str:
     return fast if importlib.util.find_spec(fast) else fallback
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, timeout: float = 30.0) -> None:
+def _wait_started(server: Any, timeout: float = 30.0) -> None:
+    """Until uvicorn has run the app's start-up and listens."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/api/tags", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the gateway did not start")
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not start")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":
