@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -26,6 +25,7 @@ from server.ollama.routes import router as ollama_router
 from server.openai.routes import router as openai_router
 from server.ops import Lifecycle
 from server.ops import router as ops_router
+from server.perimeter import HostPolicy, OriginPolicy, origin_regex
 from server.scheduler import BackendFactory, Scheduler
 from server.routing import error_response as _error
 from server.settings import Settings
@@ -71,18 +71,27 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def cors_origin_regex(extra: list[str]) -> str:
-    """OLLAMA_ORIGINS semantics: localhost-like origins on any port, app/file/tauri/
-    vscode-webview schemes, plus the configured ones (``*`` is a wildcard)."""
-    base = [r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?", r"app://.*", r"file://.*",
-            r"tauri://.*", r"vscode-webview://.*", r"vscode-file://.*"]
-    base += [".*".join(re.escape(p) for p in o.split("*")) for o in extra]
-    return "^(" + "|".join(base) + ")$"
+    """OLLAMA_ORIGINS semantics (see server/perimeter.py)."""
+    return origin_regex(extra)
+
+
+def host_policy(settings: Settings) -> HostPolicy | None:
+    """The Host check (DNS rebinding) is on wherever a page could drive a server that
+    asks for no key: on a loopback listener (as Ollama), on any listener without keys,
+    and wherever KILN_ALLOWED_HOSTS names hosts. A keyed server beyond loopback is off by
+    default: it is reached by names it cannot know (DNS aliases, a proxy's, the Docker
+    host's), and a rebinding page has no key to send. ``*`` turns it off everywhere."""
+    if "*" in settings.allowed_hosts:
+        return None
+    if settings.is_loopback or not settings.any_keys or settings.allowed_hosts:
+        return HostPolicy(settings.allowed_hosts)
+    return None
 
 
 def check_exposure(settings: Settings) -> None:
     """Keyless Ollama servers on public addresses number in the hundreds of thousands;
     kiln refuses to become one."""
-    if not settings.is_loopback and not settings.keys and not settings.insecure_no_auth:
+    if not settings.is_loopback and not settings.any_keys and not settings.insecure_no_auth:
         host = settings.bind[0]
         raise ValueError(f"refusing to listen on {host} without an API key: set KILN_API_KEY (clients then send "
                          f"Authorization: Bearer <key>), or KILN_INSECURE_NO_AUTH=1 if a proxy in front "
@@ -121,15 +130,19 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
     app.include_router(openai_router)
     app.include_router(ops_router)
     _install_error_handlers(app)
-    app.add_middleware(Gatekeeper, api_keys=settings.keys, max_body=settings.max_body_bytes,
-                       metrics=metrics, log_format=settings.log_format)
     app.add_middleware(
         CORSMiddleware, allow_origin_regex=cors_origin_regex(settings.origins), allow_credentials=False,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With",
+        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "X-Api-Key",
+                       "anthropic-version", "anthropic-beta",
                        "OpenAI-Beta", "x-stainless-arch", "x-stainless-async", "x-stainless-custom-poll-interval",
                        "x-stainless-helper-method", "x-stainless-lang", "x-stainless-os",
                        "x-stainless-package-version", "x-stainless-poll-helper", "x-stainless-retry-count",
                        "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-timeout"],
     )
+    # Added last, so outermost: the Host and Origin checks run before the CORS layer
+    # could answer a preflight, and before any handler.
+    app.add_middleware(Gatekeeper, api_keys=settings.keys, admin_keys=settings.admin_key_list,
+                       max_body=settings.max_body_bytes, metrics=metrics, log_format=settings.log_format,
+                       hosts=host_policy(settings), origins=OriginPolicy(settings.origins), router=app.router)
     return app

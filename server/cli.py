@@ -102,6 +102,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from server.app import check_exposure, create_app
+    from server.connections import http_protocol
+    from server.middleware import escape_controls
 
     if args.host:
         settings = settings.model_copy(update={"host": args.host})
@@ -111,7 +113,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         check_exposure(settings)
     except ValueError as e:
         raise CLIError(f"Error: {e}") from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    class Formatter(logging.Formatter):
+        """No log line carries a raw control character (CR/LF would forge lines, ESC
+        would drive the terminal), whatever module logged it; tracebacks keep theirs."""
+
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            return escape_controls(super().formatMessage(record))
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     host, port = settings.bind
     app = create_app(settings)
 
@@ -121,7 +133,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace) + 5)
+                            timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+                            http=http_protocol(settings.header_timeout))
     Server(config).run()
     return 0
 
@@ -312,8 +325,19 @@ def cmd_run(args: argparse.Namespace, c: Client) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+SECRET_SETTINGS = {"api_keys", "admin_keys"}
+
+
+def mask_key(key: str) -> str:
+    """Enough of a key to tell which one it is (its last 4 characters, if it is long
+    enough for that to give little away), never the key."""
+    return f"****{key[-4:]}" if len(key) >= 16 else "****"
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     for name, (value, source) in setting_sources(settings).items():
+        if name in SECRET_SETTINGS:
+            value = [mask_key(k) for k in value]
         shown = ",".join(value) if isinstance(value, list) else value
         print(f"{name:<20} {str(shown):<40} ({source})")
     return 0

@@ -75,8 +75,8 @@ class Settings(BaseSettings):
         description="Seconds a model may take to load.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=_env("KILN_API_KEYS", "KILN_API_KEY"),
-        description="API keys (comma-separated); when set, every request but liveness needs "
-                    "Authorization: Bearer <key>.")
+        description="Inference keys (comma-separated); when set, every request but liveness needs "
+                    "Authorization: Bearer <key> (or x-api-key: <key>); model management needs an admin key.")
     api_keys_file: Path | None = Field(
         None, validation_alias=_env("KILN_API_KEYS_FILE"),
         description="A file of API keys, one per line (a Docker or systemd secret).")
@@ -101,6 +101,30 @@ class Settings(BaseSettings):
                     "mode, context_overflow, limits per option, loop_guard.")
     log_level: str = Field(
         "info", validation_alias=_env("KILN_LOG_LEVEL"), description="debug, info, warning or error.")
+
+    # -- the HTTP edge: who may reach the API (README "Browsers, Host and Origin") --
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("KILN_ALLOWED_HOSTS"),
+        description="Host names (or *.domain) the server answers besides loopback, localhost, *.localhost, "
+                    "this machine's names and addresses; * turns the Host check off.")
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("KILN_ADMIN_KEYS", "KILN_ADMIN_KEY"),
+        description="Admin keys (comma-separated): the only keys that may create, copy, delete, pull, push "
+                    "or upload models once any key is set; they work on every other route too.")
+    admin_keys_file: Path | None = Field(
+        None, validation_alias=_env("KILN_ADMIN_KEYS_FILE"),
+        description="A file of admin keys, one per line (a Docker or systemd secret).")
+    header_timeout: float = Field(
+        10.0, gt=0, validation_alias=_env("KILN_HEADER_TIMEOUT"),
+        description="Seconds a connection may take to send a request's line and headers (idle and "
+                    "half-sent requests are dropped after this).")
+
+    @field_validator("allowed_hosts", "admin_keys", mode="before")
+    @classmethod
+    def _split_edge(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
     @field_validator("origins", "api_keys", mode="before")
     @classmethod
@@ -138,13 +162,16 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> list[str]:
         """The API keys from the environment, the file and the secret file together."""
-        keys = list(self.api_keys)
-        if self.api_keys_file is not None:
-            try:
-                keys += [ln.strip() for ln in self.api_keys_file.read_text().splitlines() if ln.strip()]
-            except OSError as e:
-                raise ValueError(f"cannot read KILN_API_KEYS_FILE {self.api_keys_file}: {e.strerror}") from e
-        return keys
+        return list(self.api_keys) + _read_keys(self.api_keys_file, "KILN_API_KEYS_FILE")
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        """The admin keys from the environment and the file together."""
+        return list(self.admin_keys) + _read_keys(self.admin_keys_file, "KILN_ADMIN_KEYS_FILE")
+
+    @property
+    def any_keys(self) -> bool:
+        return bool(self.keys or self.admin_key_list)
 
     @property
     def is_loopback(self) -> bool:
@@ -155,6 +182,15 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
+
+
+def _read_keys(path: Path | None, setting: str) -> list[str]:
+    if path is None:
+        return []
+    try:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ValueError(f"cannot read {setting} {path}: {e.strerror}") from e
 
 
 class _TomlSource(PydanticBaseSettingsSource):

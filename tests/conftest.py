@@ -71,7 +71,9 @@ def make_client(tmp_path: Path, fake_engine: type[FakeEngine]):
 
     def make(engine: dict[str, object] | None = None, **settings: object) -> TestClient:
         s = Settings(models=tmp_path / "models", **settings)
-        c = TestClient(create_app(s, fake_factory(**(engine or {}))))
+        # A local client's Host: TestClient's default ("testserver") is a name the
+        # DNS-rebinding guard refuses, as it should.
+        c = TestClient(create_app(s, fake_factory(**(engine or {}))), base_url="http://localhost")
         c.__enter__()
         clients.append(c)
         return c

@@ -23,6 +23,6 @@ def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClie
         return InProcessBackend(FakeEngine, spec)
 
     root = tmp_path_factory.mktemp("shared")
-    with TestClient(create_app(Settings(models=root / "models"), factory)) as client:
+    with TestClient(create_app(Settings(models=root / "models"), factory), base_url="http://localhost") as client:
         client.store_root = root  # type: ignore[attr-defined]
         yield client
