@@ -7,6 +7,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -94,16 +95,24 @@ def _table(rows: list[list[str]]) -> None:
         print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+class SafeFormatter(logging.Formatter):
+    """No log line carries a raw control character (CR/LF would forge lines, ESC would
+    drive the terminal), whatever module logged it and whatever a client put in the
+    values it logs; a traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from server.middleware import escape_controls
+
+        return escape_controls(super().formatMessage(record))
+
+
 # -- verbs --------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-
     import uvicorn
 
     from server.app import check_exposure, create_app
     from server.connections import http_protocol
-    from server.middleware import escape_controls
 
     if args.host:
         settings = settings.model_copy(update={"host": args.host})
@@ -114,15 +123,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as e:
         raise CLIError(f"Error: {e}") from None
 
-    class Formatter(logging.Formatter):
-        """No log line carries a raw control character (CR/LF would forge lines, ESC
-        would drive the terminal), whatever module logged it; tracebacks keep theirs."""
-
-        def formatMessage(self, record: logging.LogRecord) -> str:
-            return escape_controls(super().formatMessage(record))
-
     handler = logging.StreamHandler()
-    handler.setFormatter(Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     host, port = settings.bind
     app = create_app(settings)

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.store import ModelNotFound
@@ -63,6 +63,20 @@ def _text_field(value: Any) -> str:
     return s
 
 
+def _templates(routes: list[Any], prefix: str = "") -> list[str]:
+    """Every route's path template. FastAPI 0.120+ keeps an included router as one
+    entry holding the original router; older versions list its routes flat."""
+    out: list[str] = []
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            context = getattr(r, "include_context", None)
+            out += _templates(inner.routes, prefix + (getattr(context, "prefix", "") or ""))
+        elif isinstance(getattr(r, "path", None), str):
+            out.append(prefix + r.path)
+    return out
+
+
 class Gatekeeper:
     def __init__(self, app: ASGIApp, *, api_keys: list[str], max_body: int, metrics: Metrics,
                  log_format: str = "text", admin_keys: list[str] | None = None,
@@ -77,6 +91,7 @@ class Gatekeeper:
         self.hosts = hosts
         self.origins = origins
         self.router = router
+        self.templates: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -212,14 +227,13 @@ class Gatekeeper:
     def _endpoint(self, scope: Scope) -> str:
         """A bounded label: the route's template (``/api/blobs/{digest}``), ``other``
         for a path no route has."""
-        route = scope.get("route")
-        if route is None and self.router is not None:  # refused before routing
-            for candidate in self.router.routes:
-                match, _ = candidate.matches(scope)
-                if match != Match.NONE:
-                    route = candidate
-                    break
-        return getattr(route, "path", None) or "other"
+        route = scope.get("route")  # set by routing
+        if route is not None and getattr(route, "path", None):
+            return route.path
+        if self.templates is None:  # refused before routing: match the path ourselves
+            self.templates = [(compile_path(t)[0], t) for t in _templates(getattr(self.router, "routes", []))]
+        path = scope.get("path", "")
+        return next((t for regex, t in self.templates if regex.match(path)), "other")
 
     @staticmethod
     def _model_label(scope: Scope, raw: Any) -> str:
