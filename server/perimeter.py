@@ -69,7 +69,7 @@ class HostPolicy:
         self.exact: set[str] = set()
         self.suffixes: list[str] = []
         for item in extra:
-            h = split_host(item)
+            h = split_host(item.split("://", 1)[-1].split("/", 1)[0])  # a URL given for a host is taken as one
             if h.startswith("*."):
                 self.suffixes.append(h[1:])
             elif h.startswith("."):

@@ -138,3 +138,22 @@ def test_rebinding_host_is_refused_on_the_wire(edge_server):
     sock.close()
     assert reply.startswith(b"HTTP/1.1 403"), reply[:200]
     assert b"KILN_ALLOWED_HOSTS" in reply and b"smollm2" not in reply
+
+
+FORGED = "x\r\n2026-01-01 00:00:00,000 INFO kiln.access: id=forged status=200\x1b[2J\x1b]0;owned\x07"
+
+
+def test_no_log_line_is_forged(edge_server):
+    """What a client sends (a model name, an option key, a path) never splits or
+    colours a line of the server's log, whichever module writes it."""
+    chat = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    httpx.post(edge_server.url + "/api/chat", json={**chat, "model": FORGED}, timeout=60)
+    r = httpx.post(edge_server.url + "/api/chat", json={**chat, "options": {FORGED: 1, "num_predict": 1}},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    httpx.get(edge_server.url + "/api/%0d%0a2026-01-01%2000:00:00,000%20INFO%20forged%1b[31m", timeout=30)
+    text = edge_server.log.read_text(errors="replace")
+    assert "id=forged" in text  # the values were logged, escaped
+    assert "\x1b" not in text and "\x07" not in text
+    for line in text.splitlines():
+        assert not line.startswith("2026-01-01 00:00:00,000"), line  # no line begins where a client said
