@@ -56,6 +56,15 @@ def log_safe(value: Any) -> str:
     return escape_controls(str(value).replace("\\", "\\\\"))
 
 
+# Anthropic's Messages API (/v1/messages) has its own error shape and types.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
+
+
+def anthropic_body(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
 def _text_field(value: Any) -> str:
     s = log_safe(value)
     if not s or any(c in s for c in ' "='):  # one field must not read as two
@@ -214,7 +223,10 @@ class Gatekeeper:
     async def _reject(self, scope: Scope, send: Send, status: int, message: str,
                       extra: dict[str, str] | None = None, *, origin: str = "") -> None:
         path = scope.get("path", "")
-        body = openai_body(status, message) if path.startswith("/v1") else ollama_body(message)
+        if path.startswith("/v1/messages"):
+            body = anthropic_body(status, message)
+        else:
+            body = openai_body(status, message) if path.startswith("/v1") else ollama_body(message)
         data = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]

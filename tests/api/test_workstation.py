@@ -332,6 +332,17 @@ def test_two_credentials_are_refused(make_client, headers, what):
     assert "x:latest" not in str(client.get("/api/tags", headers=bearer(ADMIN_KEY)).json())
 
 
+def test_refusals_on_anthropic_paths_are_in_anthropic_shape(make_client):
+    client = make_client(api_keys=[INFERENCE_KEY])
+    for headers, status, kind in (({}, 401, "authentication_error"),
+                                  ({"Origin": "https://evil.example"}, 403, "permission_error"),
+                                  ({"Host": "evil.example"}, 403, "permission_error")):
+        r = client.post("/v1/messages", json={"model": MODEL, "max_tokens": 8, "messages": CHAT}, headers=headers)
+        assert r.status_code == status
+        body = r.json()
+        assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"], body
+
+
 def test_allowed_page_can_read_why_it_was_refused(make_client):
     client = make_client(api_keys=[INFERENCE_KEY])
     r = client.get("/api/tags", headers={"Origin": "http://localhost:3000"})
