@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
             yield
         finally:
             await scheduler.shutdown()
+            await app.state.service.renderer.close()
 
     app = FastAPI(title="kiln", version=__version__.VERSION, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible local inference server.")
