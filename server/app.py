@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         store = ModelStore(settings.models)
         for name in models.seed_bundled(store):
             log.info("registered bundled model %s", name)
+        await asyncio.to_thread(store.prune)  # blobs left by deletes before this version, or a crash
         scheduler = Scheduler(settings, store, backend_factory)
         scheduler.on_event = lambda event, runner, seconds: metrics.on_model(event, runner.manifest.name, seconds)
         app.state.settings = settings
