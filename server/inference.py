@@ -235,7 +235,7 @@ class Service:
         ctx = runner.num_ctx
         if p.num_ctx:
             ctx = min(ctx, p.num_ctx)
-        n = len(await runner.backend.tokenize(p.request.prompt))
+        n, exact = await self._count(runner, p.request.prompt, ctx)
         if n == 0:
             raise BadRequest("the prompt is empty after templating")
         inf, dropped = p.inference, 0
@@ -246,12 +246,13 @@ class Service:
             del inf.messages[turns[0]]
             dropped += 1
             p.request.prompt = await self.render(p.manifest, inf)
-            n = len(await runner.backend.tokenize(p.request.prompt))
+            n, exact = await self._count(runner, p.request.prompt, ctx)
         if dropped:
             p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
             log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
         if n >= ctx:
-            raise BadRequest(f"the prompt is {n} tokens, more than the context window of {ctx} tokens "
+            size = "" if exact else "at least "
+            raise BadRequest(f"the prompt is {size}{n} tokens, more than the context window of {ctx} tokens "
                              f"(num_ctx); raise num_ctx or shorten the prompt")
         if p.request.constrained:
             await runner.backend.validate(p.request)
@@ -262,6 +263,18 @@ class Service:
                              f"{runner.manifest.source.split(':', 1)[-1] or 'SOURCE'} --name {runner.manifest.name}"
                              f" --profile npu --max-prompt-len {n}")
         return n
+
+    @staticmethod
+    async def _count(runner: Runner, text: str, ctx: int) -> tuple[int, bool]:
+        """(tokens, exact): the prompt's token count, or for one whose size alone shows
+        it cannot fit, a lower bound without tokenizing it (a token covers at most
+        ``max_token_bytes`` bytes): tokenizing megabytes only to refuse them held a slot."""
+        per_token = runner.info.get("max_token_bytes")
+        if per_token:
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > ctx * per_token:
+                return size // per_token, False
+        return len(await runner.backend.tokenize(text)), True
 
     async def embed(self, model: str, texts: list[str], *, keep_alive: float | None = None,
                     options: dict[str, Any] | None = None) -> Embedded:

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import Backend, ModelSpec
+from backends.base import Backend, BackendError, InvalidRequest, ModelSpec
 from backends.store import Manifest, ModelStore
 from backends.worker import WorkerBackend
 from server.errors import KilnError, ServerBusy, Unavailable
@@ -271,6 +271,11 @@ class Scheduler:
             except asyncio.TimeoutError:
                 await backend.unload()
                 raise Unavailable(f"model '{m.name}' did not load within {self.settings.load_timeout:.0f}s")
+            except (BackendError, InvalidRequest) as e:
+                await backend.unload()
+                # The worker names the file it could not load; the client sees it relative
+                # to the store (the absolute path says where the user's home is).
+                raise type(e)(self.scrub(str(e))) from None
             except BaseException:
                 await backend.unload()
                 raise
@@ -280,6 +285,10 @@ class Scheduler:
             log.info("%s: loaded in %.2fs (%s)", m.name, runner.load_ns / 1e9, info.get("device", "?"))
             self._emit("load", runner, runner.load_ns / 1e9)
             return runner, runner.load_ns
+
+    def scrub(self, message: str) -> str:
+        """``message`` with paths inside the model store made relative to it."""
+        return message.replace(str(self.store.root) + "/", "").replace(str(self.store.root), ".")
 
     def _check_budget(self, m: Manifest, spec: ModelSpec) -> int:
         """The bytes the model needs; refuses one that could never fit, before anything
