@@ -90,8 +90,11 @@ class RenderPool:
 
     async def render(self, template: str | None, messages: list[dict[str, Any]], **kw: Any) -> str:
         """Keyword arguments as ``server.prompt.render``; raises ``TemplateError`` (400)."""
-        payload = orjson.dumps({"template": template, "messages": messages, **kw},
-                               option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE, default=str)
+        try:
+            payload = orjson.dumps({"template": template, "messages": messages, **kw},
+                                   option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE, default=str)
+        except orjson.JSONEncodeError:  # JSON allows "\ud800"; UTF-8 (and the prompt) cannot hold it
+            raise TemplateError("the request contains invalid Unicode (an unpaired surrogate)") from None
         async with self._slots:
             if self._closed:
                 raise TemplateError("the server is shutting down")
