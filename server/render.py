@@ -57,11 +57,10 @@ class _Child:
             raise EOFError(f"the render process exited (status {await self.proc.wait()})")
         return orjson.loads(line)
 
-    def kill(self) -> None:
+    def kill(self) -> asyncio.Future[int]:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
-        # reaped in the background: asyncio's child watcher collects the status
-        asyncio.ensure_future(self.proc.wait())
+        return asyncio.ensure_future(self.proc.wait())  # reaped in the background
 
 
 class RenderPool:
@@ -76,6 +75,7 @@ class RenderPool:
         self.wall_seconds = wall_seconds or max(5.0, 4 * cpu_seconds)
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Child] = []
+        self._dying: set[asyncio.Future[int]] = set()  # killed children not yet reaped
         self._closed = False
         self.spawned = 0  # children started (tests and logs read it)
 
@@ -86,7 +86,13 @@ class RenderPool:
             start_new_session=True,  # a Ctrl-C at the terminal goes to the gateway only
         )
         self.spawned += 1
-        return _Child(proc)
+        child = _Child(proc)
+        # Started when it says so: its imports are not the render's wall-clock time.
+        assert proc.stdout is not None
+        if not await proc.stdout.readline():
+            raise TemplateError(f"rendering the chat template failed: the render process did not start "
+                                f"(status {await proc.wait()})")
+        return child
 
     async def render(self, template: str | None, messages: list[dict[str, Any]], **kw: Any) -> str:
         """Keyword arguments as ``server.prompt.render``; raises ``TemplateError`` (400)."""
@@ -115,7 +121,9 @@ class RenderPool:
                 if reusable and not self._closed:
                     self._idle.append(child)
                 else:
-                    child.kill()
+                    reaped = child.kill()
+                    self._dying.add(reaped)
+                    reaped.add_done_callback(self._dying.discard)
         if "text" in reply:
             return reply["text"]
         limit = reply.get("limit")
@@ -136,7 +144,9 @@ class RenderPool:
             try:
                 await asyncio.wait_for(child.proc.wait(), 2)
             except asyncio.TimeoutError:
-                child.kill()
+                await child.kill()
+        if self._dying:
+            await asyncio.wait(set(self._dying), timeout=2)
 
 
 # -- the child process -------------------------------------------------------------------
@@ -162,6 +172,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a print() in here must not corrupt the protocol
+    out.write(b'{"ready":true}\n')
+    out.flush()
     for line in sys.stdin.buffer:
         reply: dict[str, Any]
         try:
