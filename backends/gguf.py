@@ -58,6 +58,7 @@ FILE_TYPES = {
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class GGUFError(ValueError):
@@ -219,11 +220,11 @@ class _Reader:
         if etype in _SCALARS:
             self._advance(n * struct.calcsize(_SCALARS[etype]))
         elif etype == _STRING:
-            buf, pos, size, unpack = self.buf, self.pos, self.size, struct.unpack_from
+            buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
             for _ in range(n):
                 if pos + 8 > size:
                     raise GGUFError(f"truncated file: 8 bytes wanted at offset {pos}")
-                length = unpack("<Q", buf, pos)[0]
+                (length,) = unpack(buf, pos)
                 if length > MAX_STRING:
                     raise GGUFError(f"string of {length} bytes at offset {pos} is over the limit")
                 pos += 8 + length
