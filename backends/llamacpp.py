@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from typing import Any
@@ -96,6 +97,73 @@ class _Entry:
     def __init__(self, req: GenerationRequest, emit: Emit) -> None:
         self.req, self.emit = req, emit
         self.tokens: list[int] | None = None
+        self.cancelled = False  # set by cancel(); a long tokenization stops at the next piece
+
+
+# Tokenization goes in pieces of about this many characters. llama.cpp splits the text
+# at special tokens in a forward list it walks from the start for every split, so text
+# dense with them took quadratic time (1.3 MB: 117 s, holding the engine thread); in
+# pieces the work is linear, it stops once past the context, and a cancel stops it.
+_PIECE_CHARS = 16 << 10
+_SPECIAL = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED | L.LLAMA_TOKEN_ATTR_UNKNOWN
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Splitter:
+    """Where text may be cut so that tokenizing the pieces gives the tokens of the whole.
+
+    llama.cpp first cuts the text at the special tokens it contains, then tokenizes the
+    plain text between them on its own. So a cut just before a special token changes
+    nothing, provided no special token's text spans the cut and there is no whitespace
+    either side of it (a token with lstrip/rstrip eats it). With SPM vocabularies the
+    piece after a cut starts with a special token, so the space prefix is the same.
+    """
+
+    def __init__(self, specials: list[str]) -> None:
+        self.by_len: dict[int, set[str]] = {}
+        for t in specials:
+            if t and not t[0].isspace() and not t[-1].isspace():
+                self.by_len.setdefault(len(t), set()).add(t)
+        self.all_by_len: dict[int, set[str]] = {}
+        for t in specials:
+            if t:
+                self.all_by_len.setdefault(len(t), set()).add(t)
+        cuts = sorted((t for group in self.by_len.values() for t in group), key=len, reverse=True)
+        # Candidates: where a special token starts. An alternation of a few hundred
+        # literals runs in C; beyond (Gemma has 6,000 unused tokens) the first characters.
+        if len(cuts) > 512:
+            self.first = re.compile("[" + "".join(re.escape(c) for c in sorted({t[0] for t in cuts})) + "]")
+        else:
+            self.first = re.compile("|".join(re.escape(t) for t in cuts)) if cuts else None
+
+    def _safe(self, text: str, p: int) -> bool:
+        if text[p - 1].isspace() or not any(text[p:p + n] in group for n, group in self.by_len.items()):
+            return False
+        for n, group in self.all_by_len.items():  # nothing may straddle the cut
+            for start in range(max(0, p - n + 1), p):
+                if text[start:start + n] in group:
+                    return False
+        return True
+
+    def pieces(self, text: str) -> list[str]:
+        if self.first is None or len(text) <= 2 * _PIECE_CHARS:
+            return [text]
+        out, start, pos = [], 0, _PIECE_CHARS
+        while pos < len(text) - _PIECE_CHARS:
+            m = self.first.search(text, pos)
+            if m is None:
+                break
+            p = m.start()
+            if self._safe(text, p):
+                out.append(text[start:p])
+                start, pos = p, p + _PIECE_CHARS
+            else:
+                pos = p + 1
+        out.append(text[start:])
+        return out
 
 
 class _Candidates:
@@ -217,6 +285,7 @@ class LlamaCppEngine(Engine):
             raise BackendError(f"llama.cpp could not load {spec.path}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.max_token_bytes, self._splitter = self._vocab_facts()
         self.n_embd = L.llama_model_n_embd(self.model)
         self.n_embd_out = L.llama_model_n_embd_out(self.model)  # size of a pooled embedding
         cp = self._context_params(num_ctx * n_par, self.n_batch, n_par)
@@ -282,6 +351,7 @@ class LlamaCppEngine(Engine):
         with self._cond:
             for e in self._waiting:
                 if e.req.id == req_id:  # not started: drop it now, no need to wait a step
+                    e.cancelled = True
                     self._waiting.remove(e)
                     self._dropped.append(e)
                     self._cond.notify()
@@ -290,17 +360,50 @@ class LlamaCppEngine(Engine):
                 self._cancels.add(req_id)
                 self._cond.notify()
 
-    def tokenize(self, text: str) -> list[int]:
+    def _vocab_facts(self) -> tuple[int | None, _Splitter | None]:
+        """The longest token text in bytes, and the splitter for piecewise tokenization.
+
+        A token never covers more input bytes than its text has (byte-level BPE writes a
+        byte as one or two; SPM writes a space as three), so a prompt of B bytes is at
+        least B / max_token_bytes tokens, and one that cannot fit is refused untokenized.
+        Not for WPM/UGM vocabularies: they normalise (drop spaces, accents) first."""
+        longest, specials = 0, []
+        for i in range(self.n_vocab):
+            text = L.llama_vocab_get_text(self.vocab, i) or b""
+            longest = max(longest, len(text))
+            if L.llama_vocab_get_attr(self.vocab, i) & _SPECIAL:
+                specials.append(text.decode("utf-8", "replace"))
+        kind = L.llama_vocab_type(self.vocab)
+        bounded = kind in (L.LLAMA_VOCAB_TYPE_SPM, L.LLAMA_VOCAB_TYPE_BPE) and longest > 0
+        # An EOS added at the end would land after the first piece: such models go whole.
+        piecewise = bounded and not L.llama_vocab_get_add_eos(self.vocab)
+        return (longest if bounded else None), (_Splitter(specials) if piecewise else None)
+
+    def tokenize(self, text: str, *, limit: int | None = None, cancelled: Any = None) -> list[int]:
+        """The tokens of ``text`` (with BOS if the model adds one). With ``limit``, stops
+        once there are more than that many (the caller only needs to know it is too
+        long); ``cancelled()`` is checked between pieces."""
         if self._freed:
             raise BackendError("the model is unloaded")
+        pieces = self._splitter.pieces(text) if self._splitter is not None else [text]
+        out: list[int] = []
+        for i, piece in enumerate(pieces):
+            if cancelled is not None and cancelled():
+                raise _Cancelled
+            out += self._tokenize(piece, add_special=i == 0)
+            if limit is not None and len(out) > limit:
+                break
+        return out
+
+    def _tokenize(self, text: str, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 16  # never more than a token per byte, plus BOS/EOS
         buf = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, True)
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
         if n < 0:  # -n = the size needed
             n_max = -n
             buf = (L.llama_token * n_max)()
-            n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, True)
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
         if n < 0:
             raise InvalidRequest("the text could not be tokenized")
         return buf[:n]
@@ -365,6 +468,7 @@ class LlamaCppEngine(Engine):
             "n_threads": self.n_threads,
             "n_ctx_train": self.n_ctx_train,
             "kv_bytes": self.kv_bytes,
+            "max_token_bytes": self.max_token_bytes,  # the gateway's cheap "cannot fit" check
             "model_bytes": os.path.getsize(self.spec.path),
             "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
         }
@@ -439,17 +543,27 @@ class LlamaCppEngine(Engine):
     def _check(self, e: _Entry) -> None:
         """Tokenizes a waiting request; one that cannot run ends now, not when a slot frees."""
         detail, reason = None, FinishReason.ERROR
-        try:
-            e.tokens = toks = self.tokenize(e.req.prompt)
-        except Exception as ex:
-            toks, detail = [], f"the prompt could not be tokenized: {ex}"
+        size = len(e.req.prompt.encode("utf-8"))
+        toks: list[int] = []
+        if self.max_token_bytes and size > self.n_ctx_seq * self.max_token_bytes:
+            detail = (f"the prompt is {size} bytes, more than the context window of {self.n_ctx_seq} tokens "
+                      f"(num_ctx) can hold")  # refused untokenized: see _vocab_facts
+        else:
+            try:
+                toks = self.tokenize(e.req.prompt, limit=self.n_ctx_seq, cancelled=lambda: e.cancelled)
+                e.tokens = toks
+            except _Cancelled:
+                return  # it is in _dropped: the next step reports it
+            except Exception as ex:
+                toks, detail = [], f"the prompt could not be tokenized: {ex}"
         n, mt = len(toks), e.req.sampling.max_tokens
         if detail is None:
             if n == 0:
                 detail = "the prompt is empty (0 tokens)"
             elif n >= self.n_ctx_seq:  # no cell left for even one generated token
-                detail = (f"the prompt is {n} tokens, more than the context window of "
-                          f"{self.n_ctx_seq} tokens (num_ctx)")
+                # past the limit, tokenizing stopped: n is then a lower bound
+                detail = (f"the prompt is {'at least ' if n > self.n_ctx_seq else ''}{n} tokens, more than the "
+                          f"context window of {self.n_ctx_seq} tokens (num_ctx)")
             elif mt is not None and mt <= 0:
                 reason = FinishReason.LENGTH  # nothing asked for
             else:

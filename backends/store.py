@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("kiln.store")
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
@@ -33,6 +35,8 @@ _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,79}$")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?$")
 _DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: newlines forge log lines
+PRUNE_GRACE = 3600.0  # seconds: an unreferenced blob younger than this may be about to be used
 
 
 class InvalidName(ValueError):
@@ -57,6 +61,8 @@ class ModelName:
         """``[host/][namespace/]model[:tag]``; ``foo`` is ``foo:latest``."""
         if not isinstance(raw, str) or not raw.strip():
             raise InvalidName("model name is empty")
+        if _CONTROL.search(raw):
+            raise InvalidName(f"invalid model name {raw!r}: control characters are not allowed")
         s = raw.strip()
         if len(s) > 350 or any(c in s for c in "\\\0") or ".." in s:
             raise InvalidName(f"invalid model name {raw!r}")
@@ -75,7 +81,9 @@ class ModelName:
             namespace, model = parts
         else:
             (model,) = parts
-        if not (_HOST.match(host) and _PART.match(namespace) and _PART.match(model) and _TAG.match(tag)):
+        # fullmatch: with match, "$" also matches before a final newline
+        if not (_HOST.fullmatch(host) and _PART.fullmatch(namespace) and _PART.fullmatch(model)
+                and _TAG.fullmatch(tag)):
             raise InvalidName(f"invalid model name {raw!r}")
         return cls(host, namespace, model, tag)
 
@@ -202,8 +210,18 @@ class ModelStore:
         manifest.modified_at = manifest.modified_at or now_rfc3339()
         p = self._manifest_path(name)
         p.parent.mkdir(parents=True, exist_ok=True)
+        old = self._read(p)
         _atomic_write(p, json.dumps(manifest.to_json(), indent=1).encode())
+        if old is not None:  # replaced (create over an existing name): its files may be unused now
+            self._release(old.files)
         return manifest
+
+    @staticmethod
+    def _read(p: Path) -> Manifest | None:
+        try:
+            return Manifest.from_json(json.loads(p.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
 
     def list(self) -> list[Manifest]:
         out = []
@@ -223,6 +241,7 @@ class ModelStore:
     def delete(self, raw: str) -> None:
         name = ModelName.parse(raw)
         p = self._manifest_path(name)
+        old = self._read(p)
         try:
             p.unlink()
         except FileNotFoundError:
@@ -234,7 +253,8 @@ class ModelStore:
                 parent.rmdir()
             except OSError:
                 break
-        self.prune()
+        if old is not None:
+            self._release(old.files)
 
     # -- blobs ------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -266,17 +286,64 @@ class ModelStore:
             raise InvalidName(f"manifest file {ref.path!r} is outside the model store")
         return full
 
-    def prune(self) -> None:
-        """Removes blobs and IR directories no manifest refers to."""
-        used = {f.path for m in self.list() for f in m.files}
+    def _referenced(self) -> set[Path] | None:
+        """Every file a manifest points at, resolved; None when a manifest cannot be
+        read, since its files are then unknown and nothing is safe to delete."""
+        used: set[Path] = set()
+        for p in (self.root / "manifests").rglob("*.json"):
+            m = self._read(p)
+            if m is None:
+                log.warning("cannot read the manifest %s; not deleting unreferenced files",
+                            p.relative_to(self.root))
+                return None
+            for ref in m.files:
+                try:
+                    used.add(self.resolve(ref))
+                except InvalidName:
+                    continue
+        return used
+
+    def _release(self, refs: list[FileRef]) -> None:
+        """Deletes the files of a deleted or replaced manifest that no manifest uses
+        any more: only the store's own (blobs, IR directories), never a bundled file."""
+        used = self._referenced()
+        if used is None:
+            return
+        for ref in refs:
+            try:
+                path = self.resolve(ref)
+            except InvalidName:
+                continue
+            if path in used:
+                continue
+            if path.parent == self.root / "blobs" and path.name.startswith("sha256-"):
+                path.unlink(missing_ok=True)
+                log.info("deleted the unused blob %s", path.name)
+            elif path.parent == self.root / "models" and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("deleted the unused model directory %s", path.relative_to(self.root))
+
+    def prune(self, grace: float = PRUNE_GRACE) -> int:
+        """Deletes blobs no manifest refers to (run at startup, as Ollama does), but not
+        those written in the last ``grace`` seconds: an upload (``/api/blobs``) comes
+        before the ``/api/create`` that uses it. Uploads in progress are ``.partial-*``
+        files, never touched. IR directories are left to ``_release``: ``kiln compile``
+        writes one before its manifest. Returns the number deleted."""
+        used = self._referenced()
+        if used is None:
+            return 0
+        now, n = dt.datetime.now().timestamp(), 0
         for p in (self.root / "blobs").glob("sha256-*"):
-            if str(p.relative_to(self.root)) not in used:
-                p.unlink(missing_ok=True)
-        models = self.root / "models"
-        if models.is_dir():
-            for d in models.iterdir():
-                if not any(u.startswith(str(d.relative_to(self.root))) for u in used):
-                    shutil.rmtree(d, ignore_errors=True)
+            try:
+                if p.resolve() in used or now - p.stat().st_mtime < grace:
+                    continue
+                p.unlink()
+                n += 1
+            except OSError:
+                continue
+        if n:
+            log.info("deleted %d unused blob(s)", n)
+        return n
 
 
 class BlobWriter:

@@ -62,7 +62,7 @@ def read_source(source: str) -> Source:
         raise CompileError(f"{source}: no such file or directory")
     if p.is_file():
         try:
-            info = read_gguf(p)
+            info = read_gguf(p, full_arrays=True)  # the tokenizer is built from its vocabulary
         except GGUFError as e:
             raise CompileError(f"{source} is not a usable GGUF file: {e}") from None
         return Source(p.resolve(), "gguf", info.architecture, gguf=info, size=info.size)

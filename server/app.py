@@ -28,6 +28,7 @@ from server.ops import router as ops_router
 from server.perimeter import HostPolicy, OriginPolicy, origin_regex
 from server.scheduler import BackendFactory, Scheduler
 from server.routing import error_response as _error
+from server.routing import trace
 from server.settings import Settings
 
 log = logging.getLogger("kiln")
@@ -46,27 +47,45 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _failed(request: Request, status: int, message: str) -> str:
+    """The message a failed request answers with: paths inside the model store made
+    relative; a client error is noted for the request's one access-log line (at info),
+    with no traceback of its own."""
+    scheduler = getattr(request.app.state, "scheduler", None)
+    if scheduler is not None:
+        message = scheduler.scrub(message)
+    if status < 500:
+        trace(request)["error"] = message[:300]
+    return message
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(request, 400, _validation_message(exc))
+        return _error(request, 400, _failed(request, 400, _validation_message(exc)))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
             message = "invalid JSON: the body could not be parsed (too deeply nested or not UTF-8)"
+        message = _failed(request, exc.status_code, message)
         return _error(request, exc.status_code, message, getattr(exc, "headers", None))
+
+    known = (KilnError, ModelNotFound, InvalidName, InvalidRequest, BackendError)
 
     async def _typed(request: Request, exc: Exception) -> JSONResponse:
         status, message, headers = classify(exc)
-        if status >= 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, message, exc_info=exc)
+        message = _failed(request, status, message)
+        # A failure kiln knows (an engine's) is one line with its message. A bug is not
+        # logged here: this handler answers from Starlette's outermost middleware, which
+        # then re-raises, and the server logs that traceback (logging it here too printed
+        # every traceback twice).
+        if status >= 500 and isinstance(exc, known):
+            log.error("%s %s failed: %s", request.method, request.url.path, message)
         return _error(request, status, message, headers)
 
-    # Known errors get their status here; anything else reaches Starlette's
-    # ServerErrorMiddleware through the Exception handler (a 500, logged).
-    for exc_type in (KilnError, ModelNotFound, InvalidName, InvalidRequest, BackendError, Exception):
+    for exc_type in (*known, Exception):
         app.add_exception_handler(exc_type, _typed)
 
 
@@ -109,6 +128,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         store = ModelStore(settings.models)
         for name in models.seed_bundled(store):
             log.info("registered bundled model %s", name)
+        await asyncio.to_thread(store.prune)  # blobs left by deletes before this version, or a crash
         scheduler = Scheduler(settings, store, backend_factory)
         scheduler.on_event = lambda event, runner, seconds: metrics.on_model(event, runner.manifest.name, seconds)
         app.state.settings = settings
@@ -122,6 +142,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
             yield
         finally:
             await scheduler.shutdown()
+            await app.state.service.renderer.close()
 
     app = FastAPI(title="kiln", version=__version__.VERSION, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible local inference server.")

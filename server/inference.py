@@ -19,6 +19,7 @@ from typing import Any
 from backends.base import BackendError, Chunk, FinishReason, GenerationRequest, Usage
 from backends.store import Manifest, ModelStore
 from server import prompt as templates
+from server.render import RenderPool
 from server.errors import BadRequest, Unavailable
 from server.metrics import Metrics
 from server import tools
@@ -105,15 +106,16 @@ class Prepared:
 
 class Service:
     def __init__(self, settings: Settings, store: ModelStore, scheduler: Scheduler,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, renderer: RenderPool | None = None) -> None:
         self.settings = settings
+        self.renderer = renderer or RenderPool()  # chat templates render in its processes
         self.store = store
         self.scheduler = scheduler
         self.metrics = metrics or Metrics()
         self.draining = False
 
     # -- building the engine request -------------------------------------------------
-    def prepare(self, inf: Inference) -> Prepared:
+    async def prepare(self, inf: Inference) -> Prepared:
         m = self.store.get(inf.model)
         caps = capabilities(m)
         if inf.tools and "tools" not in caps:
@@ -133,7 +135,7 @@ class Service:
         options, notes = apply(policy, {**check(m.parameters, where="model parameters"), **inf.options})
         resolved = resolve({}, options)
         fns, forced = self._tools(inf, policy)
-        req = GenerationRequest(prompt=self.render(m, inf, fns), sampling=resolved.sampling)
+        req = GenerationRequest(prompt=await self.render(m, inf, fns), sampling=resolved.sampling)
         try:
             req.prompt.encode("utf-8")
         except UnicodeEncodeError:
@@ -165,7 +167,7 @@ class Service:
             return None, None
         return tools.functions(inf.tools), forced
 
-    def render(self, m: Manifest, inf: Inference, fns: list[dict[str, Any]] | None = None) -> str:
+    async def render(self, m: Manifest, inf: Inference, fns: list[dict[str, Any]] | None = None) -> str:
         if inf.raw:
             return inf.prompt or ""
         system = inf.system if inf.system is not None else m.system
@@ -187,9 +189,10 @@ class Service:
                 messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{instructions}"}
             else:
                 messages.insert(0, {"role": "system", "content": instructions})
-        text = templates.render(template, messages, tools=inf.tools if native else None,
-                                bos_token=m.bos_token, eos_token=m.eos_token,
-                                extra={"enable_thinking": bool(inf.think)} if inf.think is not None else None)
+        text = await self.renderer.render(template, messages, tools=inf.tools if native else None,
+                                          bos_token=m.bos_token, eos_token=m.eos_token,
+                                          extra={"enable_thinking": bool(inf.think)} if inf.think is not None
+                                          else None)
         # The tokenizer adds BOS itself when the model asks for it; a template that
         # also writes it would give two.
         if m.bos_token and m.model_info.get("tokenizer.ggml.add_bos_token") and text.startswith(m.bos_token):
@@ -204,7 +207,7 @@ class Service:
             raise Unavailable("the server is shutting down")
         trace = inf.trace if inf.trace is not None else {}
         trace["model"] = inf.model
-        p = self.prepare(inf)
+        p = await self.prepare(inf)
         async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
             n_prompt = await self._fit_context(lease.runner, p)
             if self.settings.log_content:
@@ -232,7 +235,7 @@ class Service:
         ctx = runner.num_ctx
         if p.num_ctx:
             ctx = min(ctx, p.num_ctx)
-        n = len(await runner.backend.tokenize(p.request.prompt))
+        n, exact = await self._count(runner, p.request.prompt, ctx)
         if n == 0:
             raise BadRequest("the prompt is empty after templating")
         inf, dropped = p.inference, 0
@@ -242,13 +245,14 @@ class Service:
                 break
             del inf.messages[turns[0]]
             dropped += 1
-            p.request.prompt = self.render(p.manifest, inf)
-            n = len(await runner.backend.tokenize(p.request.prompt))
+            p.request.prompt = await self.render(p.manifest, inf)
+            n, exact = await self._count(runner, p.request.prompt, ctx)
         if dropped:
             p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
             log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
         if n >= ctx:
-            raise BadRequest(f"the prompt is {n} tokens, more than the context window of {ctx} tokens "
+            size = "" if exact else "at least "
+            raise BadRequest(f"the prompt is {size}{n} tokens, more than the context window of {ctx} tokens "
                              f"(num_ctx); raise num_ctx or shorten the prompt")
         if p.request.constrained:
             await runner.backend.validate(p.request)
@@ -259,6 +263,18 @@ class Service:
                              f"{runner.manifest.source.split(':', 1)[-1] or 'SOURCE'} --name {runner.manifest.name}"
                              f" --profile npu --max-prompt-len {n}")
         return n
+
+    @staticmethod
+    async def _count(runner: Runner, text: str, ctx: int) -> tuple[int, bool]:
+        """(tokens, exact): the prompt's token count, or for one whose size alone shows
+        it cannot fit, a lower bound without tokenizing it (a token covers at most
+        ``max_token_bytes`` bytes): tokenizing megabytes only to refuse them held a slot."""
+        per_token = runner.info.get("max_token_bytes")
+        if per_token:
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > ctx * per_token:
+                return size // per_token, False
+        return len(await runner.backend.tokenize(text)), True
 
     async def embed(self, model: str, texts: list[str], *, keep_alive: float | None = None,
                     options: dict[str, Any] | None = None) -> Embedded:

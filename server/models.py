@@ -24,6 +24,7 @@ from backends.store import FileRef, Manifest, ModelName, ModelStore, ModelNotFou
 from server import options as opts
 from server.errors import BadRequest, KilnError
 from server.ollama.protocol import CreateRequest
+from server.render import RenderPool
 
 log = logging.getLogger("kiln.models")
 
@@ -95,9 +96,10 @@ def show(store: ModelStore, name: str, *, verbose: bool = False) -> dict[str, An
     return body
 
 
-async def create(store: ModelStore, req: CreateRequest) -> AsyncIterator[dict[str, Any]]:
+async def create(store: ModelStore, req: CreateRequest, renderer: RenderPool) -> AsyncIterator[dict[str, Any]]:
     """Ollama's create: from uploaded blobs (``files``) or an existing model (``from``),
-    plus system, template, parameters, messages and license."""
+    plus system, template, parameters, messages and license. A template is test-rendered
+    in ``renderer`` (under its CPU and memory limits) before anything is written."""
     name = req.model or req.name
     if not name:
         raise BadRequest("model is required")
@@ -111,6 +113,8 @@ async def create(store: ModelStore, req: CreateRequest) -> AsyncIterator[dict[st
         raise BadRequest("the modelfile field is no longer part of the API: send from, files, system, "
                          "template and parameters (kiln create -f Modelfile does that for you)")
     params = opts.check(req.parameters, where="parameters") if req.parameters is not None else None
+    if req.template is not None:  # a broken template fails now, with its 400, not at the first chat
+        await renderer.render(req.template, [{"role": "user", "content": "test"}])
     if req.files:
         ggufs = {k: v for k, v in req.files.items()}
         if len(ggufs) != 1:
@@ -141,9 +145,6 @@ async def create(store: ModelStore, req: CreateRequest) -> AsyncIterator[dict[st
     m.name = ModelName.parse(name).display
     m.modified_at = ""
     if req.template is not None:
-        from server import prompt
-
-        prompt.render(req.template, [{"role": "user", "content": "test"}])  # a broken template fails now
         m.chat_template = req.template
     if req.system is not None:
         m.system = req.system

@@ -4,6 +4,8 @@ inside Jinja's sandbox.
 A model file is untrusted input: llama-cpp-python rendered GGUF templates in a plain
 Jinja environment and a crafted template ran code (CVE-2024-34359). The sandbox
 refuses attribute access to internals, and the render is bounded in output size.
+The gateway never calls ``render`` itself: ``server.render`` runs it in a child
+process with CPU-time and memory limits.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def _strftime_now(fmt: str) -> str:
 
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        undefined=jinja2.ChainableUndefined)
+    # loopcontrols ({% break %}, {% continue %}): Hugging Face's environment has it,
+    # and templates written for transformers use it.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
@@ -86,8 +90,8 @@ def render(template: str | None, messages: list[dict[str, Any]], *, tools: list[
                 raise TemplateError("the rendered prompt is larger than 16 MiB")
             out.append(piece)
         text = "".join(out)
-    except TemplateError:
-        raise
+    except (TemplateError, MemoryError):
+        raise  # a MemoryError is the render process's memory limit (server/render.py)
     except jinja2.exceptions.SecurityError as e:
         raise TemplateError(f"the chat template tried an unsafe operation: {e}") from None
     except Exception as e:  # noqa: BLE001 - a broken template is the model's fault, say so

@@ -7,7 +7,12 @@
 * Up to ``max_loaded_models`` models within the memory budget; when one more must
   load, idle models go first, the one that expires soonest first.
 * ``keep_alive``: each request's value (or the default) sets when an idle model is
-  unloaded; 0 unloads right after the request, a negative value never.
+  unloaded; 0 unloads right after the request, a negative value never, and so does
+  one of ``MAX_KEEP_ALIVE`` or more (Go's longest duration, about 292 years: Ollama
+  cannot hold a longer one either, and dates that far out overflow).
+* A model whose weights and KV cache exceed the memory budget is refused (503 with
+  the numbers) without unloading anything; idle models are unloaded only when that
+  makes the new one fit.
 * A worker that died is restarted by the next request that needs it.
 """
 
@@ -23,20 +28,37 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import Backend, ModelSpec
+from backends.base import Backend, BackendError, InvalidRequest, ModelSpec
 from backends.store import Manifest, ModelStore
 from backends.worker import WorkerBackend
-from server.errors import ServerBusy, Unavailable
+from server.errors import KilnError, ServerBusy, Unavailable
 from server.settings import Settings
 
 log = logging.getLogger("kiln.scheduler")
 
 BackendFactory = Callable[[ModelSpec], Backend]
 FOREVER = float("inf")
+MAX_KEEP_ALIVE = (2**63 - 1) / 1e9  # seconds in Go's time.Duration; longer counts as forever
+
+
+class InsufficientMemory(KilnError):
+    """The model cannot fit the memory budget even with every other model unloaded."""
+
+    status = 503
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
 
 
 def parse_duration(value: Any) -> float:
-    """keep_alive: a number of seconds or a Go duration string ("5m", "1h30m", "-1")."""
+    """keep_alive: a number of seconds or a Go duration string ("5m", "1h30m", "-1");
+    negative, or ``MAX_KEEP_ALIVE`` and beyond, is ``FOREVER``."""
+    seconds = _parse_duration(value)
+    return FOREVER if seconds >= MAX_KEEP_ALIVE else seconds
+
+
+def _parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("keep_alive must be a duration")
     if isinstance(value, int | float):
@@ -106,9 +128,13 @@ class Runner:
 
     @property
     def expires_at_rfc3339(self) -> str:
-        when = self.expires_at if self.expires_at != FOREVER else time.time() + 292 * 365 * 86400
+        # Forever is shown as Ollama shows it, ~292 years out; nothing later is ever
+        # shown, so no keep_alive can overflow the date (it made /api/ps 500 for all).
+        now, latest = time.time(), time.time() + MAX_KEEP_ALIVE
+        when = self.expires_at
         if self.refcount:  # in use: it expires keep_alive after the last request ends
-            when = time.time() + (self.keep_alive if self.keep_alive != FOREVER else 292 * 365 * 86400)
+            when = now + self.keep_alive
+        when = min(when, latest)
         return dt.datetime.fromtimestamp(when, dt.timezone.utc).astimezone().isoformat()
 
 
@@ -231,6 +257,7 @@ class Scheduler:
                 elif runner.manifest.digest != m.digest or (num_ctx and num_ctx > runner.num_ctx
                                                             and runner.num_ctx < m.context_length):
                     log.info("%s: reloading (manifest or num_ctx changed)", m.name)
+                    self._check_budget(m, self._spec(m, num_ctx))
                     await self._wait_idle(runner)
                     await self._unload(runner)
                 else:
@@ -244,6 +271,11 @@ class Scheduler:
             except asyncio.TimeoutError:
                 await backend.unload()
                 raise Unavailable(f"model '{m.name}' did not load within {self.settings.load_timeout:.0f}s")
+            except (BackendError, InvalidRequest) as e:
+                await backend.unload()
+                # The worker names the file it could not load; the client sees it relative
+                # to the store (the absolute path says where the user's home is).
+                raise type(e)(self.scrub(str(e))) from None
             except BaseException:
                 await backend.unload()
                 raise
@@ -254,16 +286,36 @@ class Scheduler:
             self._emit("load", runner, runner.load_ns / 1e9)
             return runner, runner.load_ns
 
+    def scrub(self, message: str) -> str:
+        """``message`` with paths inside the model store made relative to it."""
+        return message.replace(str(self.store.root) + "/", "").replace(str(self.store.root), ".")
+
+    def _check_budget(self, m: Manifest, spec: ModelSpec) -> int:
+        """The bytes the model needs; refuses one that could never fit, before anything
+        is unloaded or tried (a 1.5 TB context once evicted the loaded model first)."""
+        kv = estimate_kv_bytes(m, spec.num_ctx, spec.num_parallel)
+        need, budget = m.size + kv, self.settings.memory_limit
+        if need > budget:
+            loaded = ", ".join(f"{r.manifest.name} ({_gib(r.size)})" for r in self.runners.values()) or "none"
+            raise InsufficientMemory(
+                f"model '{m.name}' needs {_gib(need)} (weights {_gib(m.size)} + KV cache {_gib(kv)} for "
+                f"num_ctx={spec.num_ctx} x {spec.num_parallel} parallel), more than the memory budget of "
+                f"{_gib(budget)} (KILN_MEMORY_BUDGET); loaded: {loaded}. Lower num_ctx or KILN_NUM_PARALLEL")
+        return need
+
     async def _make_room(self, m: Manifest, spec: ModelSpec) -> None:
-        need = m.size + estimate_kv_bytes(m, spec.num_ctx, spec.num_parallel)
+        need, budget = self._check_budget(m, spec), self.settings.memory_limit
         while True:
             used = sum(r.size for r in self.runners.values())
             full = len(self.runners) >= self.settings.loaded_models_limit
-            over = self.runners and used + need > self.settings.memory_limit
+            over = self.runners and used + need > budget
             if not (full or over):
                 return
             idle = [r for r in self.runners.values() if r.refcount == 0]
-            if idle:
+            busy = [r for r in self.runners.values() if r.refcount]
+            # Unload only when that makes room: with the busy models alone it must fit.
+            if idle and sum(r.size for r in busy) + need <= budget \
+                    and len(busy) < self.settings.loaded_models_limit:
                 victim = min(idle, key=lambda r: r.expires_at)
                 log.info("unloading %s to make room for %s", victim.manifest.name, m.name)
                 await self._unload(victim)

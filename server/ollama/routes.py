@@ -213,7 +213,8 @@ async def _status_stream(request: Request, statuses: AsyncIterator[dict[str, Any
 
 @router.post("/api/create")
 async def create(request: Request, body: CreateRequest) -> Response:
-    return await _status_stream(request, models.create(_service(request).store, body), body.stream is not False)
+    service = _service(request)
+    return await _status_stream(request, models.create(service.store, body, service.renderer), body.stream is not False)
 
 
 @router.post("/api/pull")

@@ -75,3 +75,72 @@ def test_blob_digest_checked(tmp_path):
     for bad in ("sha256:../../x", "md5:abc", "sha256:" + "G" * 64):
         with pytest.raises(InvalidName):
             store.blob_path(bad)
+
+
+@pytest.mark.parametrize("raw", ["foo\n", "foo:latest\n", "a\nb", "foo\r:1", "\x1b[31mred", "foo\tbar", "x\x7f",
+                                 "x\x85y", "smollm2:135m\ninjected=1"])
+def test_control_characters_refused(raw):
+    # "$" in a regex also matches before a final newline: "foo:latest\n" used to pass
+    with pytest.raises(InvalidName, match="control characters"):
+        ModelName.parse(raw)
+
+
+def _blob(store: ModelStore, data: bytes) -> FileRef:
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    path = store.write_blob("sha256:" + digest, [data])
+    return FileRef("model", str(path.relative_to(store.root)), digest, len(data))
+
+
+def _blobs(store: ModelStore) -> set[str]:
+    return {p.name for p in (store.root / "blobs").iterdir()}
+
+
+def test_files_nothing_uses_are_deleted_never_one_still_used(tmp_path):
+    store = ModelStore(tmp_path)
+    one, two, other = _blob(store, b"one"), _blob(store, b"two"), _blob(store, b"other")
+    partial = store.root / "blobs" / ".partial-upload"
+    partial.write_bytes(b"in progress")
+    store.put(Manifest(name="a", files=[one]))
+    store.copy("a", "b")  # b shares the blob
+    store.delete("a")
+    assert _blobs(store) >= {one.path[6:], two.path[6:]}  # still used by b; two is an upload waiting
+    store.put(Manifest(name="b", files=[two]))  # b replaced: "one" is used by nothing now
+    assert one.path[6:] not in _blobs(store)
+    assert {two.path[6:], other.path[6:], ".partial-upload"} <= _blobs(store)
+    store.delete("b")
+    assert _blobs(store) == {other.path[6:], ".partial-upload"}  # never an upload not yet used
+    # a bundled model's file lives outside the store and is never deleted
+    bundled = tmp_path / "bundled.gguf"
+    bundled.write_bytes(b"x")
+    store.put(Manifest(name="c", files=[FileRef("model", str(bundled))]))
+    store.delete("c")
+    assert bundled.exists()
+
+
+def test_nothing_deleted_when_a_manifest_is_unreadable(tmp_path):
+    store = ModelStore(tmp_path)
+    one = _blob(store, b"one")
+    store.put(Manifest(name="a", files=[one]))
+    store.put(Manifest(name="b", files=[one]))
+    broken = store.root / "manifests" / "registry.ollama.ai" / "library" / "b" / "latest.json"
+    broken.write_text("{not json")  # its files are unknown: b might use anything
+    store.delete("a")
+    assert one.path[6:] in _blobs(store)
+    assert store.prune(grace=0) == 0
+
+
+def test_startup_prune_spares_recent_uploads(tmp_path):
+    import os
+    import time
+
+    store = ModelStore(tmp_path)
+    used, old, fresh = _blob(store, b"used"), _blob(store, b"old"), _blob(store, b"fresh")
+    store.put(Manifest(name="a", files=[used]))
+    hour_ago = time.time() - 7200
+    for ref in (used, old):
+        os.utime(store.root / ref.path, (hour_ago, hour_ago))
+    (store.root / "blobs" / ".partial-x").write_bytes(b"uploading")
+    assert store.prune() == 1
+    assert _blobs(store) == {used.path[6:], fresh.path[6:], ".partial-x"}
