@@ -61,8 +61,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _typed(request: Request, exc: Exception) -> JSONResponse:
         status, message, headers = classify(exc)
         if status >= 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, message, exc_info=exc)
-        return _error(request, status, message, headers)
+            log.error("%s %s failed: %s", request.method, request.url.path, message,
+                      exc_info=None if getattr(exc, "expected", False) else exc)
+        return _error(request, status, message, headers, exc)
 
     # Known errors get their status here; anything else reaches Starlette's
     # ServerErrorMiddleware through the Exception handler (a 500, logged).
@@ -126,7 +127,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
     app.add_middleware(
         CORSMiddleware, allow_origin_regex=cors_origin_regex(settings.origins), allow_credentials=False,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With",
+        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "X-Kiln-Num-Ctx",
                        "OpenAI-Beta", "x-stainless-arch", "x-stainless-async", "x-stainless-custom-poll-interval",
                        "x-stainless-helper-method", "x-stainless-lang", "x-stainless-os",
                        "x-stainless-package-version", "x-stainless-poll-helper", "x-stainless-retry-count",
