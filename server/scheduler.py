@@ -169,15 +169,17 @@ class Scheduler:
 
     # -- internals ---------------------------------------------------------------
     def context_for(self, m: Manifest, num_ctx: int | None) -> tuple[int, str | None]:
-        """The context per sequence the model loads with for a request asking ``num_ctx``
-        (None: the model's ``num_ctx`` parameter, else the setting, else the model's trained
-        context), and why it is less than what was asked, when it is."""
+        """The context per sequence the model loads with for a request asking ``num_ctx``:
+        the default (the model's ``num_ctx`` parameter, else the setting, else the model's
+        trained context) or the request's, whichever is larger; and why it is less than
+        that, when it is."""
         trained = int(m.context_length or 0)
-        asked = num_ctx or m.parameters.get("num_ctx") or self.settings.context_length or None
+        default = m.parameters.get("num_ctx") or self.settings.context_length or trained or DEFAULT_CTX
         # By default the model's trained context, which is what clients size their prompts
         # for (Open WebUI's first chat is 7,000 tokens): one allocation that serves every
-        # smaller request without a reload. Capped only by what fits the memory budget.
-        ctx, why = int(asked or trained or DEFAULT_CTX), None
+        # smaller request without a reload (a request asking for less gets a smaller window
+        # of it, not a smaller allocation). Capped only by what fits the memory budget.
+        ctx, why = max(int(num_ctx or 0), int(default)), None
         if trained and ctx > trained:
             ctx, why = trained, f"the model was trained for {trained} tokens"
         parallel = self.settings.num_parallel or _auto_parallel()
@@ -192,10 +194,11 @@ class Scheduler:
 
     def _spec(self, m: Manifest, num_ctx: int | None) -> ModelSpec:
         ctx, why = self.context_for(m, num_ctx)
-        asked = num_ctx or m.parameters.get("num_ctx") or self.settings.context_length
+        default = m.parameters.get("num_ctx") or self.settings.context_length
+        asked = max(num_ctx or 0, default or 0)
         if why and asked:
-            source = ("the request" if num_ctx else "the model's num_ctx parameter" if m.parameters.get("num_ctx")
-                      else "KILN_CONTEXT_LENGTH/OLLAMA_CONTEXT_LENGTH")
+            source = ("the request" if num_ctx == asked else "the model's num_ctx parameter"
+                      if m.parameters.get("num_ctx") else "KILN_CONTEXT_LENGTH/OLLAMA_CONTEXT_LENGTH")
             log.warning("%s: num_ctx %d (from %s) is more than this model gets: %s; loading with %d",
                         m.name, asked, source, why, ctx)
         elif why:

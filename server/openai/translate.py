@@ -40,10 +40,12 @@ def _num_ctx(req: ChatCompletionRequest | CompletionRequest, header: str | None)
         return opts.check({"num_ctx": extra["num_ctx"]})["num_ctx"]
     if header is not None:
         try:
-            value: Any = int(header.strip())
+            value = int(header.strip())
         except ValueError:
-            value = header
-        return opts.check({"num_ctx": value}, where=f"the {NUM_CTX_HEADER} header")["num_ctx"]
+            value = 0
+        if value < 1:
+            raise BadRequest(f"the X-Kiln-Num-Ctx header must be a positive integer (tokens), got {header!r}")
+        return opts.check({"num_ctx": value})["num_ctx"]
     return None
 
 
