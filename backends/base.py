@@ -203,6 +203,11 @@ class Engine(abc.ABC):
     def embed(self, texts: list[str]) -> Embeddings:
         raise InvalidRequest(f"the {self.name} backend does not compute embeddings")
 
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens included (Ollama's Detokenize, for the
+        ``context`` of /api/generate)."""
+        raise InvalidRequest(f"the {self.name} backend cannot turn token ids back into text")
+
     def validate(self, req: GenerationRequest) -> None:
         """Raises ``InvalidRequest`` for what the engine cannot serve (a schema it
         cannot turn into a grammar), so the client gets a 400 before any streaming."""
@@ -238,6 +243,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def embed(self, texts: list[str]) -> Embeddings: ...
+
+    async def detokenize(self, ids: list[int]) -> str:
+        raise InvalidRequest("this backend cannot turn token ids back into text")
 
     @abc.abstractmethod
     async def validate(self, req: GenerationRequest) -> None: ...
@@ -297,6 +305,10 @@ class InProcessBackend(Backend):
     async def embed(self, texts: list[str]) -> Embeddings:
         assert self.engine is not None
         return await asyncio.to_thread(self.engine.embed, texts)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        assert self.engine is not None
+        return await asyncio.to_thread(self.engine.detokenize, ids)
 
     async def validate(self, req: GenerationRequest) -> None:
         assert self.engine is not None

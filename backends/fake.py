@@ -39,6 +39,7 @@ class FakeEngine(Engine):
     capabilities = Capabilities(batching=True, tokenize=True, embeddings=True, grammar=True)
     script: ClassVar[collections.deque[str]] = collections.deque()
     requests: ClassVar[list[GenerationRequest]] = []
+    words: ClassVar[dict[int, str]] = {}  # id -> word, for detokenize
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -106,7 +107,13 @@ class FakeEngine(Engine):
         self.cancelled.add(req_id)
 
     def tokenize(self, text: str) -> list[int]:
-        return [int(hashlib.md5(w.encode()).hexdigest()[:6], 16) for w in text.split()]
+        ids = [int(hashlib.md5(w.encode()).hexdigest()[:6], 16) for w in text.split()]
+        FakeEngine.words.update(zip(ids, text.split()))
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The words of ids this engine made (its ids are hashes: only seen ones come back)."""
+        return " ".join(FakeEngine.words.get(i, "?") for i in ids)
 
     def embed(self, texts: list[str]) -> Embeddings:
         vecs = []

@@ -260,11 +260,13 @@ class _Reader:
         return out
 
 
-def read_gguf(path: str | os.PathLike[str], *, full_arrays: bool = False) -> GGUFInfo:
+def read_gguf(path: str | os.PathLike[str], *, full_arrays: bool = False,
+              token_ids: tuple[int, ...] = ()) -> GGUFInfo:
     """Parse and validate a GGUF file's header. Raises ``GGUFError`` on anything
     malformed: bad magic or version, counts or strings beyond limits, unknown tensor
     types, tensors whose data would lie outside the file or overlap. Arrays longer
-    than ``KEEP_ARRAY`` are ``SkippedArray``s unless ``full_arrays``."""
+    than ``KEEP_ARRAY`` are ``SkippedArray``s unless ``full_arrays``; of the vocabulary
+    only the special tokens' texts are read, and those of ``token_ids``."""
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -279,12 +281,12 @@ def read_gguf(path: str | os.PathLike[str], *, full_arrays: bool = False) -> GGU
         except (OSError, ValueError) as e:
             raise GGUFError(f"cannot map {os.path.basename(path)}: {e}") from e
         try:
-            return _parse(path, size, _Reader(buf, size), full_arrays)
+            return _parse(path, size, _Reader(buf, size), full_arrays, token_ids)
         finally:
             buf.close()
 
 
-def _parse(path: str, size: int, r: _Reader, full_arrays: bool) -> GGUFInfo:
+def _parse(path: str, size: int, r: _Reader, full_arrays: bool, token_ids: tuple[int, ...] = ()) -> GGUFInfo:
     if r.read(4) != MAGIC:
         raise GGUFError(f"{os.path.basename(path)} is not a GGUF file (bad magic)")
     version = r.unpack("<I")
@@ -309,6 +311,7 @@ def _parse(path: str, size: int, r: _Reader, full_arrays: bool) -> GGUFInfo:
     if isinstance(vocab, SkippedArray):  # only the special tokens the manifest names
         wanted = {v for k, v in metadata.items() if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")
                   and isinstance(v, int) and 0 <= v < vocab.count}
+        wanted |= {i for i in token_ids if 0 <= i < vocab.count}
         special = r.strings_at(vocab, wanted)
     tensors = []
     for _ in range(n_tensors):

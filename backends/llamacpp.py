@@ -408,6 +408,24 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest("the text could not be tokenized")
         return buf[:n]
 
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of token ids with special tokens written out, so that tokenizing it again
+        gives them back; a BOS the tokenizer adds by itself is left out."""
+        if self._freed:
+            raise BackendError("the model is unloaded")
+        n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        if any(not 0 <= t < n_vocab for t in ids):
+            raise InvalidRequest(f"context: a token id is outside the vocabulary (0..{n_vocab - 1})")
+        arr = (L.llama_token * len(ids))(*ids)
+        size = len(ids) * 16 + 16
+        buf = ctypes.create_string_buffer(size)
+        n = L.llama_detokenize(self.vocab, arr, len(ids), buf, size, True, True)
+        if n < 0:  # -n = the size needed
+            size = -n
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_detokenize(self.vocab, arr, len(ids), buf, size, True, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
     def embed(self, texts: list[str]) -> Embeddings:
         with self._emb_lock:
             if self._closed:

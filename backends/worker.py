@@ -10,6 +10,7 @@ it. Gateway -> worker::
 
     {"op": "generate", "id": ID, "req": {...}}   {"op": "cancel", "id": ID}
     {"op": "tokenize", "id": ID, "text": "..."}  {"op": "embed", "id": ID, "texts": [...]}
+    {"op": "detokenize", "id": ID, "ids": [...]}
     {"op": "validate", "id": ID, "req": {...}}   {"op": "stats", "id": ID}
 
 Worker -> gateway::
@@ -258,6 +259,9 @@ class WorkerBackend(Backend):
     async def embed(self, texts: list[str]) -> Embeddings:
         return Embeddings(**await self._call("embed", texts=texts))
 
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self._call("detokenize", ids=ids)
+
     async def validate(self, req: GenerationRequest) -> None:
         await self._call("validate", req=req.to_dict())
 
@@ -333,6 +337,8 @@ def main() -> None:
                 engine.cancel(rid)
             elif op == "tokenize":
                 threading.Thread(target=reply, args=(rid, engine.tokenize, msg["text"]), daemon=True).start()
+            elif op == "detokenize":
+                threading.Thread(target=reply, args=(rid, engine.detokenize, msg["ids"]), daemon=True).start()
             elif op == "embed":
                 threading.Thread(target=reply, args=(rid, engine.embed, msg["texts"]), daemon=True).start()
             elif op == "validate":

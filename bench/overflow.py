@@ -63,8 +63,8 @@ async def burst(url: str, api: str, model: str, refs: list[str], parallel: int,
         checks.append({"index": i, "finish_reason": o.finish_reason, "tokens": o.tokens,
                        "identical": o.text == refs[i], "similarity_own": round(own, 3),
                        "crossed_with": crossed, "empty": not o.text.strip(), "kind": o.kind})
-    # A normal end is any finish reason but an error: "stop", "length", and kiln's own
-    # "loop" (its loop guard ended a repetitive greedy answer; Ollama's dialect says so).
+    # A normal end is any finish reason but an error: "stop" or "length" (an answer kiln's
+    # loop guard cut is "length" too; X-Kiln-Finish-Reason says "loop").
     bad_output = [ch for ch in checks
                   if ch["kind"] != "completed" or ch["empty"] or ch["crossed_with"]
                   or ch["finish_reason"] in ("error", "cancelled")]

@@ -83,7 +83,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         # every traceback twice).
         if status >= 500 and isinstance(exc, known):
             log.error("%s %s failed: %s", request.method, request.url.path, message)
-        return _error(request, status, message, headers)
+        return _error(request, status, message, headers, exc)
 
     for exc_type in (*known, Exception):
         app.add_exception_handler(exc_type, _typed)
@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         CORSMiddleware, allow_origin_regex=cors_origin_regex(settings.origins), allow_credentials=False,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "X-Api-Key",
-                       "anthropic-version", "anthropic-beta",
+                       "X-Kiln-Num-Ctx", "anthropic-version", "anthropic-beta",
                        "OpenAI-Beta", "x-stainless-arch", "x-stainless-async", "x-stainless-custom-poll-interval",
                        "x-stainless-helper-method", "x-stainless-lang", "x-stainless-os",
                        "x-stainless-package-version", "x-stainless-poll-helper", "x-stainless-retry-count",

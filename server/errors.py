@@ -10,11 +10,17 @@ from backends.store import InvalidName, ModelNotFound
 
 class KilnError(Exception):
     status = 500
+    code: str | None = None  # OpenAI's error ``code`` (clients key on it)
+    param: str | None = None  # OpenAI's error ``param``: the request field at fault
+    expected = False  # a 5xx that is not kiln's fault (no registry reachable): logged without a traceback
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+
+    def openai_message(self) -> str:
+        return self.message
 
 
 class BadRequest(KilnError):
@@ -47,6 +53,43 @@ class Unavailable(KilnError):
     status = 503
 
 
+class ContextOverflow(BadRequest):
+    """A prompt longer than the context window. Worded so that clients recognise it:
+    Ollama's own message first on /api (OpenClaw starts its context compaction on it),
+    OpenAI's ``context_length_exceeded`` on /v1; then kiln's numbers and what to do."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, window: int, trained: int, *, asked: int | None = None,
+                 param: str = "messages", why: str | None = None, exact: bool = True) -> None:
+        self.prompt_tokens, self.window, self.trained, self.asked = prompt_tokens, window, trained, asked
+        self.param = param
+        # A prompt whose size alone shows it cannot fit is not tokenized (server/inference.py
+        # _count): its count is a lower bound.
+        size = "" if exact else "at least "
+        numbers = (f"the prompt is {size}{prompt_tokens} tokens, the context window {window} tokens (num_ctx), "
+                   f"the model's trained maximum {trained} tokens")
+        if asked and trained and asked > trained:
+            advice = (f"the request asked for num_ctx {asked}, more than the model was trained for, so "
+                      f"{window} is the most it gets: shorten the {param}")
+        elif window < trained and why:
+            advice = f"{why}: shorten the {param}"
+        elif window < trained:
+            advice = (f"raise num_ctx (up to {trained}: options.num_ctx in the request, or "
+                      f"KILN_CONTEXT_LENGTH/OLLAMA_CONTEXT_LENGTH for the server) or shorten the {param}")
+        else:
+            advice = f"that is the model's trained maximum: shorten the {param}"
+        self.detail = f"{numbers}; {advice}"
+        super().__init__(f"the input length exceeds the context length: {self.detail}"
+                         + (" (or send truncate: true to drop the oldest turns)" if param == "messages" else ""))
+
+    def openai_message(self) -> str:
+        what = "messages" if self.param == "messages" else "prompt"
+        return (f"This model's maximum context length is {self.window} tokens. However, your {what} resulted in "
+                f"{self.prompt_tokens} tokens. Please reduce the length of the {what}. ({self.detail}; on /v1 "
+                f"num_ctx goes in the body, top-level or in options, or in the X-Kiln-Num-Ctx header)")
+
+
 def classify(exc: BaseException) -> tuple[int, str, dict[str, str]]:
     """(status, message, headers) for any exception the handlers may raise."""
     if isinstance(exc, KilnError):
@@ -69,6 +112,16 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
                  503: "api_error"}
 
 
-def openai_body(status: int, message: str) -> dict[str, Any]:
+def openai_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),
-                      "param": None, "code": None}}
+                      "param": param, "code": code}}
+
+
+def dialect_body(exc: BaseException | None, status: int, message: str, *, openai: bool) -> dict[str, Any]:
+    """The error body for either dialect; a ``KilnError`` may word itself for OpenAI
+    clients and carry OpenAI's ``code`` and ``param``."""
+    if not openai:
+        return ollama_body(message)
+    if isinstance(exc, KilnError):
+        return openai_body(status, exc.openai_message(), code=exc.code, param=exc.param)
+    return openai_body(status, message)

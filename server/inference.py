@@ -18,9 +18,10 @@ from typing import Any
 
 from backends.base import BackendError, Chunk, FinishReason, GenerationRequest, Usage
 from backends.store import Manifest, ModelStore
+from server import fim
 from server import prompt as templates
 from server.render import RenderPool
-from server.errors import BadRequest, Unavailable
+from server.errors import BadRequest, ContextOverflow, Unavailable
 from server.metrics import Metrics
 from server import tools
 from server.guard import LoopGuard
@@ -63,6 +64,14 @@ class Inference:
     keep_alive: float | None = None  # seconds; None = the model's current/default
     images: list[str] | None = None
     trace: dict[str, Any] | None = None  # filled for the access log (model, tokens, ttft)
+    truncate: bool | None = None  # Ollama's: drop the oldest turns to fit (None: the policy decides)
+    shift: bool | None = None  # Ollama's; kiln never shifts the context (see README)
+    context: list[int] | None = None  # /api/generate's: token ids of an earlier exchange, prepended
+    return_context: bool = False  # /api/generate (not raw): give the exchange's token ids back
+    # Defaults of the dialect, used only where neither the request, the model's parameters
+    # nor the policy set the option (OpenAI's temperature and top_p of 1.0), and named.
+    fallback: dict[str, Any] = field(default_factory=dict)
+    fallback_from: str = "the dialect's default"
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Result:
     detail: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     thinking: str = ""  # the whole reasoning text, for non-streamed replies
+    context: list[int] | None = None  # token ids of prompt and answer (Inference.return_context)
 
     def headers(self) -> dict[str, str]:
         """Why it stopped, for a response sent after the generation ended."""
@@ -102,6 +112,8 @@ class Prepared:
     policy: Policy
     notes: list[str]
     tool_stream: ToolStream | None = None
+    fns: list[dict[str, Any]] | None = None  # the functions offered (re-rendered with the prompt)
+    prefix: str = ""  # the text of Inference.context, before the rendered prompt
 
 
 class Service:
@@ -133,6 +145,12 @@ class Service:
         except ValueError as e:
             raise BadRequest(f"invalid generation policy for {m.name}: {e}") from None
         options, notes = apply(policy, {**check(m.parameters, where="model parameters"), **inf.options})
+        for name, value in inf.fallback.items():
+            if name not in options:
+                options[name] = value
+                notes.append(f"{name}={value} ({inf.fallback_from})")
+        if inf.shift:
+            notes.append("shift: kiln does not shift the context; a generation that fills it ends with length")
         resolved = resolve({}, options)
         fns, forced = self._tools(inf, policy)
         req = GenerationRequest(prompt=await self.render(m, inf, fns), sampling=resolved.sampling)
@@ -149,7 +167,7 @@ class Service:
             stream = ToolStream(fns, forced=bool(forced))
             if forced:
                 req.json_schema = tools.call_schema(forced)
-        return Prepared(m, inf, req, resolved.num_ctx, policy, notes, stream)
+        return Prepared(m, inf, req, resolved.num_ctx, policy, notes, stream, fns)
 
     @staticmethod
     def _tools(inf: Inference, policy: Policy) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
@@ -168,6 +186,8 @@ class Service:
         return tools.functions(inf.tools), forced
 
     async def render(self, m: Manifest, inf: Inference, fns: list[dict[str, Any]] | None = None) -> str:
+        if inf.suffix:
+            return await self._fill_in_middle(m, inf)
         if inf.raw:
             return inf.prompt or ""
         system = inf.system if inf.system is not None else m.system
@@ -199,16 +219,33 @@ class Service:
             text = text[len(m.bos_token):]
         return text
 
+    async def _fill_in_middle(self, m: Manifest, inf: Inference) -> str:
+        """A prompt with a ``suffix``: through the template when it reads ``suffix`` (as
+        Ollama's FIM templates read ``.Suffix``), else the model's own FIM tokens from
+        its GGUF, prefix-suffix-middle. ``prepare`` refused models with neither."""
+        prompt = inf.prompt or ""
+        template = inf.template or m.chat_template
+        if templates.supports(template, "insert"):
+            return await self.renderer.render(template, [{"role": "user", "content": prompt}], bos_token=m.bos_token,
+                                              eos_token=m.eos_token, extra={"prompt": prompt, "suffix": inf.suffix})
+        pre, suf, mid = fim.fim_tokens(m, self.store)
+        return f"{pre}{prompt}{suf}{inf.suffix}{mid}"
+
     # -- running it --------------------------------------------------------------------
     async def stream(self, inf: Inference) -> AsyncIterator[Any]:
         """Yields ``Ready`` once the request holds a slot, then ``Chunk``s, then a ``Result``."""
         t0 = time.monotonic_ns()
         if self.draining:
             raise Unavailable("the server is shutting down")
-        trace = inf.trace if inf.trace is not None else {}
+        trace = inf.trace = inf.trace if inf.trace is not None else {}
         trace["model"] = inf.model
         p = await self.prepare(inf)
         async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
+            if inf.context:
+                # Ollama detokenizes the ids and writes the text before the new prompt; the
+                # text is tokenized again with it (the same ids, for text the model wrote).
+                p.prefix = await lease.runner.backend.detokenize(inf.context)
+                p.request.prompt = p.prefix + p.request.prompt
             n_prompt = await self._fit_context(lease.runner, p)
             if self.settings.log_content:
                 log.info("prompt %s: %r", trace.get("request_id", ""), p.request.prompt)
@@ -225,35 +262,50 @@ class Service:
                 run.failed(e)
                 raise
             rest, result = run.finish(lease.load_ns)
+            if inf.return_context:
+                result.context = await lease.runner.backend.tokenize(p.request.prompt + "".join(run.output))
             if rest is not None:
                 yield rest
             yield result
 
     async def _fit_context(self, runner: Runner, p: Prepared) -> int:
-        """The prompt's token count, after checking it fits the context; with the
-        "truncate" policy, the oldest non-system turns are dropped until it does."""
-        ctx = runner.num_ctx
-        if p.num_ctx:
-            ctx = min(ctx, p.num_ctx)
+        """The prompt's token count, after checking it fits the context window; with
+        ``truncate`` (or the "truncate" policy), the oldest non-system turns are dropped
+        until it does."""
+        ctx, trained, asked = runner.num_ctx, p.manifest.context_length, p.num_ctx
+        why = None
+        if asked and asked < ctx:
+            ctx = asked  # a smaller window, served from the same allocation
+        elif asked and asked > ctx:
+            why = (f"the model was trained for {trained} tokens" if trained and asked > trained
+                   else f"{p.manifest.name} is loaded with {ctx} tokens per request "
+                        f"(the memory budget or its compiled length allows no more)")
+            p.notes.append(f"num_ctx {asked} -> {ctx} ({why})")
+            log.warning("%s: num_ctx %d asked; using %d: %s", p.manifest.name, asked, ctx, why)
         n, exact = await self._count(runner, p.request.prompt, ctx)
+        if p.inference.trace is not None:
+            p.inference.trace["prompt_tokens"] = n  # the access log shows it, refused or not
         if n == 0:
             raise BadRequest("the prompt is empty after templating")
         inf, dropped = p.inference, 0
-        while n >= ctx and p.policy.context_overflow == "truncate" and inf.messages:
+        truncate = inf.truncate if inf.truncate is not None else p.policy.context_overflow == "truncate"
+        while n >= ctx and truncate and inf.messages:
             turns = [i for i, m in enumerate(inf.messages) if m.get("role") != "system"]
             if len(turns) <= 1:
                 break
             del inf.messages[turns[0]]
             dropped += 1
-            p.request.prompt = await self.render(p.manifest, inf)
+            p.request.prompt = p.prefix + await self.render(p.manifest, inf, p.fns)
             n, exact = await self._count(runner, p.request.prompt, ctx)
         if dropped:
             p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
             log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
+            if inf.trace is not None:
+                inf.trace["prompt_tokens"] = n
         if n >= ctx:
-            size = "" if exact else "at least "
-            raise BadRequest(f"the prompt is {size}{n} tokens, more than the context window of {ctx} tokens "
-                             f"(num_ctx); raise num_ctx or shorten the prompt")
+            raise ContextOverflow(n, ctx, trained, asked=asked, param="messages" if inf.messages is not None
+                                  else "prompt", why=why if not (asked and trained and asked > trained) else None,
+                                  exact=exact)
         if p.request.constrained:
             await runner.backend.validate(p.request)
         limit = runner.info.get("max_prompt_len")
@@ -326,6 +378,8 @@ class _Run:
         self.unguarded: list[str] = []  # pieces the loop guard has not seen yet (see GUARD_EVERY)
         self.first = self.last = self.n_out = 0
         self.text: list[str] = []
+        self.output: list[str] = []  # the raw text, kept only for Inference.return_context
+        self.keep_output = p.inference.return_context
         self.thinking: list[str] = []
         self.done = False
 
@@ -342,6 +396,8 @@ class _Run:
             self._timing()
             if self.s.settings.log_content:
                 self.text.append(chunk.text)
+            if self.keep_output:
+                self.output.append(chunk.text)
             self.unguarded.append(chunk.text)
         if self.unguarded and (len(self.unguarded) >= GUARD_EVERY or chunk.finish_reason is not None):
             self._guard()
@@ -394,6 +450,9 @@ class _Run:
     def failed(self, e: BaseException) -> None:
         self._observe_gaps()
         self.trace["error"] = type(e).__name__ if isinstance(e, Exception) else "cancelled"
+        # A cancelled or failed request's access-log line still says what it cost.
+        self.trace.update(prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.n_out,
+                          done_reason="error" if isinstance(e, Exception) else "cancelled")
         if isinstance(e, Exception):
             self.s.metrics.stream_errors.labels(self.name).inc()
 
@@ -425,6 +484,8 @@ def capabilities(m: Manifest) -> list[str]:
     for feature in ("thinking", "insert"):
         if feature not in caps and templates.supports(m.chat_template, feature):
             caps.append(feature)
+    if "insert" not in caps and "completion" in caps and fim.fim_ids(m) is not None and m.format == "gguf":
+        caps.append("insert")
     # Every chat model takes tools: through its template, or kiln's tool instructions.
     if "completion" in caps and m.chat_template and "tools" not in caps:
         caps.append("tools")

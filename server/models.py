@@ -173,6 +173,18 @@ class PullError(KilnError):
     status = 500
 
 
+class Offline(PullError):
+    """No registry answered: the machine is offline or the host is down. Not kiln's
+    fault, so it is logged without a traceback."""
+
+    expected = True
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"pull model manifest: no model registry could be reached ({host}: {reason}); "
+                         f"kiln is offline or the registry is down. Copy a GGUF file to this machine and use "
+                         f"kiln create instead")
+
+
 def _check_public(host: str) -> None:
     """A pull may only reach public addresses: never loopback, private, link-local or
     metadata addresses (a keyless server must not become a proxy into the LAN)."""
@@ -180,9 +192,7 @@ def _check_public(host: str) -> None:
     try:
         addrs = {ai[4][0] for ai in socket.getaddrinfo(hostname, 443, proto=socket.IPPROTO_TCP)}
     except socket.gaierror as e:
-        raise PullError(f"pull model manifest: cannot resolve {hostname} ({e.strerror}); kiln cannot reach "
-                        f"a model registry from here (offline?). Copy a GGUF file to this machine and use "
-                        f"kiln create instead") from None
+        raise Offline(hostname, f"cannot resolve the name: {e.strerror}") from None
     for a in addrs:
         ip = ipaddress.ip_address(a.split("%")[0])
         if not ip.is_global:
@@ -202,7 +212,9 @@ async def pull(store: ModelStore, name: str, *, insecure: bool = False,
         yield {"status": "success"}
         return
     if insecure:
-        raise BadRequest("insecure pulls (plain HTTP) are not allowed")
+        # Open WebUI always sends it. Ollama would then allow plain HTTP and unverified TLS;
+        # kiln accepts the flag and still pulls over verified HTTPS from public hosts only.
+        log.info("pull %s: insecure is accepted and ignored (kiln pulls over verified HTTPS only)", n.display)
     yield {"status": "pulling manifest"}
     await asyncio.to_thread(_check_public, n.host)
     url = f"https://{n.host}/v2/{n.namespace}/{n.model}/manifests/{n.tag}"
@@ -212,9 +224,7 @@ async def pull(store: ModelStore, name: str, *, insecure: bool = False,
         try:
             r = await client.get(url, headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
         except httpx.HTTPError as e:
-            raise PullError(f"pull model manifest: cannot reach {n.host} ({type(e).__name__}: {e}); kiln is "
-                            f"offline or the registry is unreachable. Copy a GGUF file to this machine and "
-                            f"use kiln create instead") from None
+            raise Offline(n.host, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
         if r.status_code == 404:
             raise KilnError(f"pull model manifest: file does not exist ({n.display})")
         r.raise_for_status()

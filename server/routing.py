@@ -11,10 +11,12 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from server.errors import ollama_body, openai_body
+from server.errors import dialect_body
 
-# Content types a JSON body may come with. curl -d sends form-urlencoded, and Ollama
-# reads the body as JSON whatever the header says; anything else is refused (415).
+# Content types a JSON body may come with. curl -d sends form-urlencoded, litellm's
+# ollama/ and ollama_chat/ providers (and aider, smolagents through them) send no
+# Content-Type at all, and Ollama reads the body as JSON whatever the header says;
+# anything else is refused (415).
 _JSON_OK = {"application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
@@ -27,13 +29,15 @@ class JSONBodyRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             ctype = request.headers.get("content-type")
-            if ctype and self.body_field is not None:
-                msg = email.message.Message()
-                msg["content-type"] = ctype
-                kind = msg.get_content_type()
-                if kind not in _JSON_OK and not kind.endswith("+json"):
-                    return error_response(request, 415, f"unsupported content type {kind!r}: send the body as JSON "
-                                                "(Content-Type: application/json)")
+            if self.body_field is not None:
+                kind = ""  # no header: read as JSON (FastAPI would hand the model raw bytes)
+                if ctype:
+                    msg = email.message.Message()
+                    msg["content-type"] = ctype
+                    kind = msg.get_content_type()
+                    if kind not in _JSON_OK and not kind.endswith("+json"):
+                        return error_response(request, 415, f"unsupported content type {kind!r}: send the body as "
+                                                    "JSON (Content-Type: application/json)")
                 if kind != "application/json":
                     headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
                     request.scope["headers"] = headers + [(b"content-type", b"application/json")]
@@ -47,8 +51,9 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/") or request.url.path == "/v1"
 
 
-def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = openai_body(status, message) if is_openai(request) else ollama_body(message)
+def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
+                   exc: BaseException | None = None) -> JSONResponse:
+    body = dialect_body(exc, status, message, openai=is_openai(request))
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,14 +30,13 @@ from typing import Any
 from backends.base import Backend, BackendError, InvalidRequest, ModelSpec
 from backends.store import Manifest, ModelStore
 from backends.worker import WorkerBackend
+from server.durations import FOREVER, MAX_KEEP_ALIVE, parse_duration
 from server.errors import KilnError, ServerBusy, Unavailable
 from server.settings import Settings
 
 log = logging.getLogger("kiln.scheduler")
 
 BackendFactory = Callable[[ModelSpec], Backend]
-FOREVER = float("inf")
-MAX_KEEP_ALIVE = (2**63 - 1) / 1e9  # seconds in Go's time.Duration; longer counts as forever
 
 
 class InsufficientMemory(KilnError):
@@ -51,48 +49,7 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 
 
-def parse_duration(value: Any) -> float:
-    """keep_alive: a number of seconds or a Go duration string ("5m", "1h30m", "-1");
-    negative, or ``MAX_KEEP_ALIVE`` and beyond, is ``FOREVER``."""
-    seconds = _parse_duration(value)
-    return FOREVER if seconds >= MAX_KEEP_ALIVE else seconds
-
-
-def _parse_duration(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("keep_alive must be a duration")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError("keep_alive must be finite")
-        return FOREVER if value < 0 else float(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"invalid duration {value!r}")
-    s = value.strip()
-    try:
-        n = float(s)
-        return FOREVER if n < 0 else n
-    except ValueError:
-        pass
-    sign = -1 if s.startswith("-") else 1
-    s = s.lstrip("+-")
-    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    total, num = 0.0, ""
-    i = 0
-    while i < len(s):
-        c = s[i]
-        if c.isdigit() or c == ".":
-            num += c
-            i += 1
-            continue
-        unit = next((u for u in ("ns", "us", "µs", "ms", "s", "m", "h") if s.startswith(u, i)), None)
-        if unit is None or not num:
-            raise ValueError(f"invalid duration {value!r}")
-        total += float(num) * units[unit]
-        num = ""
-        i += len(unit)
-    if num:
-        raise ValueError(f"invalid duration {value!r} (missing unit)")
-    return FOREVER if sign < 0 else total
+__all__ = ["FOREVER", "parse_duration", "Scheduler", "Runner", "Lease", "estimate_kv_bytes"]
 
 
 @dataclass
@@ -148,6 +105,10 @@ class Lease:
 
 def _auto_parallel() -> int:
     return 4
+
+
+DEFAULT_CTX = 2048  # a model that names no trained context (Ollama's old default)
+CTX_STEP = 256  # a context cut to fit the memory budget is a multiple of this
 
 
 def estimate_kv_bytes(m: Manifest, num_ctx: int, parallel: int) -> int:
@@ -228,12 +189,41 @@ class Scheduler:
                              return_exceptions=True)
 
     # -- internals ---------------------------------------------------------------
+    def context_for(self, m: Manifest, num_ctx: int | None) -> tuple[int, str | None]:
+        """The context per sequence the model loads with for a request asking ``num_ctx``:
+        the default (the model's ``num_ctx`` parameter, else the setting, else the model's
+        trained context) or the request's, whichever is larger; and why it is less than
+        that, when it is."""
+        trained = int(m.context_length or 0)
+        default = m.parameters.get("num_ctx") or self.settings.context_length or trained or DEFAULT_CTX
+        # By default the model's trained context, which is what clients size their prompts
+        # for (Open WebUI's first chat is 7,000 tokens): one allocation that serves every
+        # smaller request without a reload (a request asking for less gets a smaller window
+        # of it, not a smaller allocation). Capped only by what fits the memory budget.
+        ctx, why = max(int(num_ctx or 0), int(default)), None
+        if trained and ctx > trained:
+            ctx, why = trained, f"the model was trained for {trained} tokens"
+        parallel = self.settings.num_parallel or _auto_parallel()
+        per_token = estimate_kv_bytes(m, 1, parallel)  # KV bytes per token of context, all sequences
+        if per_token:
+            room = (self.settings.memory_limit - m.size) // per_token
+            fit = max(CTX_STEP, room // CTX_STEP * CTX_STEP)
+            if fit < ctx:
+                ctx, why = fit, (f"{parallel} sequences of more would not fit the memory budget of "
+                                 f"{self.settings.memory_limit >> 20} MiB (KILN_MEMORY_BUDGET, KILN_NUM_PARALLEL)")
+        return ctx, why
+
     def _spec(self, m: Manifest, num_ctx: int | None) -> ModelSpec:
-        want = num_ctx or m.parameters.get("num_ctx") or self.settings.context_length
-        ctx = min(int(want), m.context_length) if m.context_length else int(want)
-        if ctx < int(want):
-            log.warning("%s: num_ctx %d is more than the model's trained context; using %d",
-                        m.name, want, ctx)
+        ctx, why = self.context_for(m, num_ctx)
+        default = m.parameters.get("num_ctx") or self.settings.context_length
+        asked = max(num_ctx or 0, default or 0)
+        if why and asked:
+            source = ("the request" if num_ctx == asked else "the model's num_ctx parameter"
+                      if m.parameters.get("num_ctx") else "KILN_CONTEXT_LENGTH/OLLAMA_CONTEXT_LENGTH")
+            log.warning("%s: num_ctx %d (from %s) is more than this model gets: %s; loading with %d",
+                        m.name, asked, source, why, ctx)
+        elif why:
+            log.warning("%s: loading with a context of %d tokens: %s", m.name, ctx, why)
         ref = m.files[0]
         return ModelSpec(
             name=m.name, path=str(self.store.resolve(ref)), backend=m.backend, num_ctx=ctx,
@@ -254,9 +244,11 @@ class Scheduler:
                     self.restarts += 1
                     self._emit("restart", runner, 0.0)
                     await self._unload(runner)
-                elif runner.manifest.digest != m.digest or (num_ctx and num_ctx > runner.num_ctx
-                                                            and runner.num_ctx < m.context_length):
-                    log.info("%s: reloading (manifest or num_ctx changed)", m.name)
+                elif runner.manifest.digest != m.digest or self.context_for(m, num_ctx)[0] > runner.spec.num_ctx:
+                    # Only a larger context than the one allocated reloads (compared with what
+                    # was asked at load: a static NPU pipeline reports less and would reload
+                    # on every request); a smaller one is served from the same allocation.
+                    log.info("%s: reloading (manifest changed, or a larger num_ctx)", m.name)
                     self._check_budget(m, self._spec(m, num_ctx))
                     await self._wait_idle(runner)
                     await self._unload(runner)
@@ -267,10 +259,12 @@ class Scheduler:
             backend = self.backend_factory(spec)
             t0 = time.monotonic_ns()
             try:
-                info = await asyncio.wait_for(backend.load(), self.settings.load_timeout)
+                timeout = self.settings.load_timeout
+                info = await asyncio.wait_for(backend.load(), None if timeout == FOREVER else timeout)
             except asyncio.TimeoutError:
                 await backend.unload()
-                raise Unavailable(f"model '{m.name}' did not load within {self.settings.load_timeout:.0f}s")
+                raise Unavailable(f"model '{m.name}' did not load within {self.settings.load_timeout:.0f}s "
+                                  f"(KILN_LOAD_TIMEOUT/OLLAMA_LOAD_TIMEOUT)")
             except (BackendError, InvalidRequest) as e:
                 await backend.unload()
                 # The worker names the file it could not load; the client sees it relative

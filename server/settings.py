@@ -17,6 +17,8 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.durations import FOREVER, go_duration, parse_duration
+
 
 def _data_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
@@ -56,8 +58,9 @@ class Settings(BaseSettings):
         0, ge=0, validation_alias=_env("KILN_MAX_LOADED_MODELS", "OLLAMA_MAX_LOADED_MODELS"),
         description="Models loaded at once (0 = 3).")
     context_length: int = Field(
-        4096, ge=0, validation_alias=_env("KILN_CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"),
-        description="Default context per request (num_ctx) when a request sets none; capped by the model's trained context.")
+        0, ge=0, validation_alias=_env("KILN_CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"),
+        description="Context per request (num_ctx) when a request sets none (0 = the model's trained context); "
+                    "capped by the trained context and the memory budget.")
     memory_budget: int = Field(
         0, ge=0, validation_alias=_env("KILN_MEMORY_BUDGET"),
         description="Bytes all loaded models may use (0 = 75% of physical memory).")
@@ -72,7 +75,7 @@ class Settings(BaseSettings):
         description="CPU threads per model (0 = the physical cores this process may use).")
     load_timeout: float = Field(
         300.0, gt=0, validation_alias=_env("KILN_LOAD_TIMEOUT", "OLLAMA_LOAD_TIMEOUT"),
-        description="Seconds a model may take to load.")
+        description="How long a model may take to load (Go duration or seconds; 0 or negative = no limit, as Ollama).")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=_env("KILN_API_KEYS", "KILN_API_KEY"),
         description="Inference keys (comma-separated); when set, every request but liveness needs "
@@ -94,7 +97,7 @@ class Settings(BaseSettings):
         description="Log prompts and outputs (off: they are private).")
     shutdown_grace: float = Field(
         20.0, ge=0, validation_alias=_env("KILN_SHUTDOWN_GRACE"),
-        description="Seconds running streams may take to finish after SIGTERM.")
+        description="How long running streams may take to finish after SIGTERM (Go duration or seconds).")
     policy: dict[str, Any] = Field(
         default_factory=dict, validation_alias=_env("KILN_POLICY"),
         description="The server-wide generation policy (the [policy] table; JSON in KILN_POLICY): "
@@ -125,6 +128,23 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+    # Durations are read as Ollama reads them (OLLAMA_LOAD_TIMEOUT=10m must work).
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        parse_duration(v)  # refused at startup, not at the first request
+        return str(v)
+
+    @field_validator("load_timeout", mode="before")
+    @classmethod
+    def _load_timeout(cls, v: Any) -> float:
+        seconds = go_duration(v)
+        return FOREVER if seconds <= 0 else seconds
+
+    @field_validator("shutdown_grace", mode="before")
+    @classmethod
+    def _grace(cls, v: Any) -> float:
+        return go_duration(v)
 
     @field_validator("origins", "api_keys", mode="before")
     @classmethod

@@ -211,6 +211,10 @@ class OpenVINOEngine(Engine):
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def detokenize(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     def tokenize(self, text: str) -> list[int]:
         ids = self._encode_raw(text, False)
         if self._bos and ids[: len(self._bos)] != self._bos:

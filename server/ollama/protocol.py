@@ -51,6 +51,13 @@ class ChatRequest(_Wire):
     stream: StrictBool | None = Field(None, description="default true")
     keep_alive: KeepAlive = Field(None, description="seconds, a Go duration string, or negative for forever")
     think: Think = None
+    truncate: StrictBool | None = Field(
+        None, description="true: drop the oldest non-system messages until the prompt fits the context "
+                          "(X-Kiln-Adjusted says how many); false or absent: refuse an overlong prompt with 400 "
+                          "(unless the model's policy has context_overflow = \"truncate\")")
+    shift: StrictBool | None = Field(
+        None, description="Ollama shifts a full context during generation; kiln never does: a generation that "
+                          "fills the context ends with done_reason \"length\", whatever this says")
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
@@ -61,7 +68,8 @@ class GenerateRequest(_Wire):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[int] | None = Field(
+        None, description="deprecated: the token ids a previous reply returned, prepended to this prompt")
     stream: StrictBool | None = None
     raw: bool | None = None
     format: Format = None
@@ -69,6 +77,8 @@ class GenerateRequest(_Wire):
     keep_alive: KeepAlive = None
     images: list[str] | None = None
     think: Think = None
+    truncate: StrictBool | None = Field(None, description="as in ChatRequest (a prompt has no turns to drop)")
+    shift: StrictBool | None = Field(None, description="as in ChatRequest")
     logprobs: bool | None = None
     top_logprobs: int | None = None
 

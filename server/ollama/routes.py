@@ -146,10 +146,18 @@ async def tags(request: Request) -> dict[str, Any]:
 async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
     if not body.target:
         raise BadRequest("model is required")
-    out = models.show(_service(request).store, body.target, verbose=bool(body.verbose))
-    runner = _service(request).scheduler.runners.get(ModelName.parse(body.target).display.lower())
+    service = _service(request)
+    out = models.show(service.store, body.target, verbose=bool(body.verbose))
+    runner = service.scheduler.runners.get(ModelName.parse(body.target).display.lower())
     if runner is not None and runner.info.get("fallbacks"):
         out.setdefault("kiln", {})["runtime"] = _public_info(runner.info)
+    # model_info has the trained context (<arch>.context_length, what `ollama show` prints);
+    # kiln adds the context a request gets by default: the loaded one, or what a load would give.
+    ctx, why = service.scheduler.context_for(service.store.get(body.target), None)
+    kiln = out.setdefault("kiln", {})
+    kiln["context_length"] = runner.num_ctx if runner is not None else ctx
+    if why and runner is None:
+        kiln["context_limited_by"] = why
     return out
 
 

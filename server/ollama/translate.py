@@ -76,7 +76,7 @@ def chat_to_internal(req: ChatRequest) -> Inference:
         model=req.model, messages=[message_dict(m) for m in msgs], options=opts.check(req.options),
         format=check_format(req.format), tools=req.tools or None, tool_choice=req.tool_choice,
         think=check_think(req.think),
-        keep_alive=keep_alive(req.keep_alive), images=images or None,
+        keep_alive=keep_alive(req.keep_alive), images=images or None, truncate=req.truncate, shift=req.shift,
     )
 
 
@@ -84,19 +84,21 @@ def generate_to_internal(req: GenerateRequest) -> Inference:
     check_top_logprobs(req.top_logprobs)
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    if req.context:
-        raise BadRequest("the deprecated context parameter is not supported: send the conversation "
-                         "with /api/chat instead")
     return Inference(
         model=req.model, prompt=req.prompt or "", system=req.system, template=req.template,
         raw=bool(req.raw), suffix=req.suffix, options=opts.check(req.options),
         format=check_format(req.format), think=check_think(req.think),
-        keep_alive=keep_alive(req.keep_alive), images=req.images or None,
+        keep_alive=keep_alive(req.keep_alive), images=req.images or None, truncate=req.truncate, shift=req.shift,
+        context=req.context or None, return_context=not req.raw,
     )
 
 
 def done_reason(finish: FinishReason) -> str:
-    return finish.value if finish in (FinishReason.LENGTH, FinishReason.LOOP) else "stop"
+    """Only Ollama's values ("stop", "length"; "load"/"unload" elsewhere). The loop guard's
+    stop is "length": the answer was cut, not finished, which is what a client must know
+    (OpenClaw and others treat an unknown value as an error); X-Kiln-Finish-Reason, the log
+    and the metrics keep "loop"."""
+    return "length" if finish in (FinishReason.LENGTH, FinishReason.LOOP) else "stop"
 
 
 def metrics(r: Result) -> dict[str, Any]:
@@ -149,6 +151,9 @@ def generate_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
 
 def generate_final(model: str, r: Result, response: str = "", *, whole: bool = False) -> dict[str, Any]:
     out = {"model": model, "created_at": now(), "response": response, "done": True, **metrics(r)}
+    if r.context is not None:  # Ollama's order: context before the durations
+        out = {**{k: out[k] for k in ("model", "created_at", "response", "done", "done_reason")},
+               "context": r.context, **out}
     if whole and r.thinking:
         out["thinking"] = r.thinking
     return out

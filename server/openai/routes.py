@@ -30,7 +30,7 @@ def _sse_error(message: str) -> bytes:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    inf = translate.chat_to_internal(body)
+    inf = translate.chat_to_internal(body, request.headers.get(translate.NUM_CTX_HEADER))
     inf.trace = trace(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.ChatStream(body.model, include_usage)
@@ -55,7 +55,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
-    inf = translate.completion_to_internal(body)
+    inf = translate.completion_to_internal(body, request.headers.get(translate.NUM_CTX_HEADER))
     inf.trace = trace(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.CompletionStream(body.model, include_usage)

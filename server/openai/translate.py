@@ -12,6 +12,7 @@ from typing import Any
 
 from backends.base import Chunk, FinishReason
 from backends.store import Manifest, ModelName
+from server import options as opts
 from server.errors import BadRequest
 from server.inference import Inference, Result
 from server.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -24,9 +25,34 @@ def _range(name: str, value: float | None, lo: float, hi: float) -> None:
         raise BadRequest(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
 
 
-def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> dict[str, Any]:
-    """OpenAI sampling fields as Ollama options. OpenAI's defaults differ from
-    Ollama's: temperature and top_p are 1.0 when absent."""
+# OpenAI's defaults differ from Ollama's: temperature and top_p are 1.0 when absent. They
+# apply only where neither the model's parameters nor its policy set a default (the
+# policy's story must hold for OpenAI clients too), and X-Kiln-Adjusted names them.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
+NUM_CTX_HEADER = "x-kiln-num-ctx"
+
+
+def _num_ctx(req: ChatCompletionRequest | CompletionRequest, header: str | None) -> int | None:
+    """``num_ctx`` from the body (top-level, as clients send it through ``extra_body``,
+    or in an Ollama ``options`` object), else from the ``X-Kiln-Num-Ctx`` header."""
+    extra = req.model_extra or {}
+    if extra.get("num_ctx") is not None:
+        return opts.check({"num_ctx": extra["num_ctx"]})["num_ctx"]
+    if header is not None:
+        try:
+            value = int(header.strip())
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise BadRequest(f"the X-Kiln-Num-Ctx header must be a positive integer (tokens), got {header!r}")
+        return opts.check({"num_ctx": value})["num_ctx"]
+    return None
+
+
+def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+             num_ctx_header: str | None = None) -> dict[str, Any]:
+    """OpenAI sampling fields as Ollama options, over an Ollama ``options`` object
+    when the body has one (a kiln extension, for ``num_ctx`` and the like)."""
     _range("temperature", req.temperature, 0, 2)
     _range("top_p", req.top_p, 0, 1)
     _range("frequency_penalty", req.frequency_penalty, -2, 2)
@@ -39,10 +65,16 @@ def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | N
         raise BadRequest("logit_bias is not supported")
     if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 63:
         raise BadRequest("seed is out of range")
-    o: dict[str, Any] = {
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-    }
+    extra = req.model_extra or {}
+    o: dict[str, Any] = opts.check(extra.get("options"))
+    if extra.get("num_ctx") is not None or "num_ctx" not in o:  # top-level > options > header
+        num_ctx = _num_ctx(req, num_ctx_header)
+        if num_ctx is not None:
+            o["num_ctx"] = num_ctx
+    if req.temperature is not None:
+        o["temperature"] = req.temperature
+    if req.top_p is not None:
+        o["top_p"] = req.top_p
     if max_tokens is not None:
         o["num_predict"] = max_tokens
     if req.seed is not None:
@@ -120,7 +152,7 @@ def response_format(rf: dict[str, Any] | None) -> Any:
     raise BadRequest(f"unsupported response_format type {kind!r}")
 
 
-def chat_to_internal(req: ChatCompletionRequest) -> Inference:
+def chat_to_internal(req: ChatCompletionRequest, num_ctx_header: str | None = None) -> Inference:
     if not req.model:
         raise BadRequest("you must provide a model parameter")
     if not req.messages:
@@ -136,13 +168,14 @@ def chat_to_internal(req: ChatCompletionRequest) -> Inference:
     if req.reasoning_effort:
         think = {"minimal": False, "none": False}.get(req.reasoning_effort, req.reasoning_effort)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return Inference(model=req.model, messages=messages, options=_options(req, max_tokens),
+    return Inference(model=req.model, messages=messages, options=_options(req, max_tokens, num_ctx_header),
                      format=response_format(req.response_format), tools=req.tools or None,
                      tool_choice=req.tool_choice,
-                     think=think, images=images or None)
+                     think=think, images=images or None, fallback=dict(OPENAI_DEFAULTS),
+                     fallback_from="OpenAI's default")
 
 
-def completion_to_internal(req: CompletionRequest) -> Inference:
+def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = None) -> Inference:
     if not req.model:
         raise BadRequest("you must provide a model parameter")
     prompt = req.prompt
@@ -157,13 +190,15 @@ def completion_to_internal(req: CompletionRequest) -> Inference:
     if req.logprobs:
         raise BadRequest("logprobs is not supported")
     return Inference(model=req.model, prompt=prompt or "", raw=True, suffix=req.suffix,
-                     options=_options(req, req.max_tokens))
+                     options=_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
+                     fallback_from="OpenAI's default")
 
 
 def finish_reason(r: Result) -> str:
+    """Only OpenAI's values; the loop guard's stop is "length" (the answer was cut)."""
     if r.tool_calls:
         return "tool_calls"
-    return "length" if r.finish == FinishReason.LENGTH else "stop"
+    return "length" if r.finish in (FinishReason.LENGTH, FinishReason.LOOP) else "stop"
 
 
 def tool_calls(r: Result) -> list[dict[str, Any]]:

@@ -34,8 +34,9 @@ NUM_PARALLEL = 4
 MAX_QUEUE = 8
 NUM_PREDICT = 16
 CHAT_ENDPOINTS = ("/api/chat", "/v1/chat/completions")
-# "loop": kiln's loop guard ended a degenerate repetition (a complete answer too)
-DONE_REASONS = ("stop", "length", "loop")
+# Ollama's values only: an answer the loop guard cut ends with "length" (its reason is
+# in X-Kiln-Finish-Reason)
+DONE_REASONS = ("stop", "length")
 FINISH_REASONS = ("stop", "length")
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 

@@ -41,3 +41,58 @@ def test_kiln_wins_over_ollama(monkeypatch):
     monkeypatch.setenv("OLLAMA_NUM_PARALLEL", "2")
     monkeypatch.setenv("KILN_NUM_PARALLEL", "3")
     assert Settings().num_parallel == 3
+
+
+# Durations as Ollama reads them: OLLAMA_LOAD_TIMEOUT=10m stopped kiln from starting.
+@pytest.mark.parametrize("env, value, field, expected", [
+    ("OLLAMA_LOAD_TIMEOUT", "10m", "load_timeout", 600.0),
+    ("KILN_LOAD_TIMEOUT", "1h30m", "load_timeout", 5400.0),
+    ("OLLAMA_LOAD_TIMEOUT", "90", "load_timeout", 90.0),
+    ("OLLAMA_LOAD_TIMEOUT", "0", "load_timeout", float("inf")),  # Ollama: zero or negative = no limit
+    ("OLLAMA_LOAD_TIMEOUT", "-1s", "load_timeout", float("inf")),
+    ("KILN_SHUTDOWN_GRACE", "1m30s", "shutdown_grace", 90.0),
+    ("KILN_SHUTDOWN_GRACE", "500ms", "shutdown_grace", 0.5),
+    ("OLLAMA_KEEP_ALIVE", "24h", "keep_alive", "24h"),
+])
+def test_durations_in_go_syntax(monkeypatch, tmp_path, env, value, field, expected):
+    monkeypatch.setenv("KILN_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv(env, value)
+    assert getattr(Settings(), field) == expected
+
+
+@pytest.mark.parametrize("env, value", [
+    ("OLLAMA_LOAD_TIMEOUT", "10 minutes"), ("OLLAMA_KEEP_ALIVE", "forever"), ("KILN_SHUTDOWN_GRACE", "-5s"),
+    ("KILN_SHUTDOWN_GRACE", "5x"),
+])
+def test_bad_durations_are_refused_at_startup(monkeypatch, tmp_path, env, value):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("KILN_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_context_length_defaults_to_the_models_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CONFIG", str(tmp_path / "none.toml"))
+    assert Settings().context_length == 0  # 0 = the model's trained context
+    monkeypatch.setenv("OLLAMA_CONTEXT_LENGTH", "2048")
+    assert Settings().context_length == 2048
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("5m", 300.0), ("1h30m", 5400.0), ("1.5s", 1.5), ("300ms", 0.3), ("2h45m30s", 9930.0), ("10", 10.0),
+    (7, 7.0), ("-1", float("inf")), ("-5m", float("inf")), (-1, float("inf")), ("0", 0.0), ("+2m", 120.0),
+])
+def test_parse_duration(value, seconds):
+    from server.durations import parse_duration
+
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "m", "5 m", "1d", True, None, "1.2.3s", "."])
+def test_parse_duration_refuses(value):
+    from server.durations import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(value)

@@ -54,7 +54,7 @@ def test_format_bad():
 
 @pytest.mark.parametrize("req, message", [
     (dict(raw=True, system="s"), "raw mode"),
-    (dict(context=[1, 2]), "context"),
+    (dict(raw=True, context=[1, 2]), "context"),  # raw mode has no context (Ollama's 400)
     (dict(think="lots"), "invalid think"),
 ])
 def test_generate_refusals(req, message):
@@ -90,15 +90,36 @@ def chat_req(**kw):
 
 
 @pytest.mark.parametrize("kw, options", [
-    ({}, {"temperature": 1.0, "top_p": 1.0}),
-    ({"max_tokens": 5}, {"temperature": 1.0, "top_p": 1.0, "num_predict": 5}),
-    ({"max_completion_tokens": 6, "max_tokens": 5}, {"temperature": 1.0, "top_p": 1.0, "num_predict": 6}),
-    ({"temperature": 0, "seed": 3, "stop": "x"}, {"temperature": 0, "top_p": 1.0, "seed": 3, "stop": ["x"]}),
-    ({"frequency_penalty": 0.5, "presence_penalty": -0.5},
-     {"temperature": 1.0, "top_p": 1.0, "frequency_penalty": 0.5, "presence_penalty": -0.5}),
+    ({}, {}),
+    ({"max_tokens": 5}, {"num_predict": 5}),
+    ({"max_completion_tokens": 6, "max_tokens": 5}, {"num_predict": 6}),
+    ({"temperature": 0, "seed": 3, "stop": "x"}, {"temperature": 0, "seed": 3, "stop": ["x"]}),
+    ({"frequency_penalty": 0.5, "presence_penalty": -0.5}, {"frequency_penalty": 0.5, "presence_penalty": -0.5}),
+    # num_ctx: top-level (extra_body) over an Ollama options object; OpenAI fields over options
+    ({"num_ctx": 16384}, {"num_ctx": 16384}),
+    ({"options": {"num_ctx": 2048, "temperature": 0.3}}, {"num_ctx": 2048, "temperature": 0.3}),
+    ({"options": {"num_ctx": 2048}, "num_ctx": 4096, "temperature": 0.5}, {"num_ctx": 4096, "temperature": 0.5}),
 ])
 def test_openai_options(kw, options):
-    assert oa.chat_to_internal(chat_req(**kw)).options == options
+    inf = oa.chat_to_internal(chat_req(**kw))
+    assert inf.options == options
+    # OpenAI's 1.0 is only a fallback, applied after the model's parameters and policy
+    assert inf.fallback == {"temperature": 1.0, "top_p": 1.0}
+
+
+@pytest.mark.parametrize("header, body, want", [
+    ("16384", {}, 16384),
+    (" 2048 ", {"options": {"num_ctx": 1024}}, 1024),  # the body wins over the header
+    ("4096", {"num_ctx": 8192}, 8192),
+])
+def test_openai_num_ctx_header(header, body, want):
+    assert oa.chat_to_internal(chat_req(**body), num_ctx_header=header).options["num_ctx"] == want
+
+
+@pytest.mark.parametrize("header", ["big", "0", "1.5"])
+def test_openai_num_ctx_header_refused(header):
+    with pytest.raises(BadRequest, match="X-Kiln-Num-Ctx"):
+        oa.chat_to_internal(chat_req(), num_ctx_header=header)
 
 
 @pytest.mark.parametrize("kw, message", [
