@@ -104,6 +104,12 @@ CASES = [
     Case("raw-with-template", "/api/generate", 400, body=gen(raw=True, template="{{ .Prompt }}")),
     Case("top-logprobs-21", "/api/generate", 400, body=gen(logprobs=True, top_logprobs=21)),
     Case("embed-input-number", "/api/embed", 400, body={"model": MODEL, "input": 5}),
+    Case("lone-surrogate", "/api/chat", 400, raw=b'{"model": "smollm2:135m", "messages": [{"role": "user", '
+                                                 b'"content": "\\ud800"}]}'),
+    Case("v1-lone-surrogate", "/v1/chat/completions", 400,
+         raw=b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    Case("model-newline", "/api/show", 400, body={"model": "smollm2:135m\n"}),
+    Case("model-escape", "/api/chat", 400, body={"model": "smollm2\x1b[2J:135m", "messages": CHAT}),
     # -- /api: names that try to leave the store ------------------------------------------------
     Case("traversal-show", "/api/show", 400, body={"model": "../../etc/passwd"}),
     Case("traversal-chat", "/api/chat", 400, body={"model": "../../etc/passwd", "messages": CHAT}),
