@@ -127,7 +127,7 @@ def test_a_client_error_is_one_log_line_without_a_traceback(fake_client, caplog)
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     access = [r.getMessage() for r in caplog.records if r.name == "kiln.access"]
     assert len(access) == 3
-    assert "status=404" in access[0] and "error=model 'nope:1b' not found" in access[0]
+    assert "status=404" in access[0] and "error=" in access[0] and "model 'nope:1b' not found" in access[0]
     assert all("error=" in line for line in access)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
