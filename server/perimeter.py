@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -76,37 +77,51 @@ class HostPolicy:
                 self.suffixes.append(h)
             elif h:
                 self.exact.add(h)
-        names = {socket.gethostname()}
+        self.hostname = socket.gethostname().lower().rstrip(".")
+        self._fqdn = ""
+        self._local: set[str] = set()  # from /proc: this machine's interface addresses
+        self._resolved: set[str] = set()  # what the hostname resolves to
+        self._read_at = float("-inf")
+        self._resolving = False
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-reads the interface addresses (a local file: cheap) at most every
+        ADDRESS_TTL, and resolves the machine's full name and addresses in a thread:
+        a resolver that times out must stall neither the start nor the event loop."""
+        now = time.monotonic()
+        if now - self._read_at <= self.ADDRESS_TTL:
+            return
+        self._read_at = now
+        self._local = _proc_addresses()
+        if not self._resolving:
+            self._resolving = True
+            threading.Thread(target=self._resolve, name="kiln-hostnames", daemon=True).start()
+
+    def _resolve(self) -> None:
         try:
-            names.add(socket.getfqdn())
+            self._resolved = {str(ai[4][0]) for ai in socket.getaddrinfo(self.hostname, None)}
+            self._fqdn = socket.getfqdn(self.hostname).lower().rstrip(".")
         except OSError:
             pass
-        self.hostnames = {n.lower().rstrip(".") for n in names if n}
-        self._addresses: set[str] = set()
-        self._read_at = float("-inf")
+        finally:
+            self._resolving = False
 
     def addresses(self) -> set[str]:
-        now = time.monotonic()
-        if now - self._read_at > self.ADDRESS_TTL:
-            found = _proc_addresses()
-            for name in self.hostnames:
-                try:
-                    found |= {str(ai[4][0]) for ai in socket.getaddrinfo(name, None)}
-                except OSError:
-                    pass
-            self._addresses, self._read_at = found, now
-        return self._addresses
+        self._refresh()
+        return self._local | self._resolved
 
     def allows(self, header: str) -> bool:
         host = split_host(header)
-        if host in ("", "localhost") or host in self.exact or host in self.hostnames:
+        if host in ("", "localhost", self.hostname) or host in self.exact:
             return True  # an empty Host is an HTTP/1.0 client; browsers always send one
         if host.endswith(LOCAL_SUFFIXES) or any(host.endswith(s) or host == s[1:] for s in self.suffixes):
             return True
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
-            return False
+            self._refresh()
+            return bool(self._fqdn) and host == self._fqdn
         # An address in Host means the browser connected to that address itself, so no
         # name was rebound. Ollama's set: loopback, private, unspecified, our own.
         if ip.is_loopback or ip.is_unspecified or any(ip in net for net in _GO_PRIVATE):

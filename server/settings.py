@@ -66,7 +66,8 @@ class Settings(BaseSettings):
         description="Bytes all loaded models may use (0 = 75% of physical memory).")
     origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=_env("KILN_ORIGINS", "OLLAMA_ORIGINS"),
-        description="Extra CORS origins, comma-separated, added to the localhost ones.")
+        description="Extra web origins allowed to call the API (comma-separated, * wildcards), besides "
+                    "Ollama's localhost/app/file defaults; a request with any other Origin gets 403.")
     default_model: str = Field(
         "smollm2:135m", validation_alias=_env("KILN_DEFAULT_MODEL"),
         description="The model `kiln run` uses when none is named.")

@@ -120,6 +120,23 @@ def test_host_check_knows_this_machine(make_client):
     assert client.get("/api/tags", headers={"Host": socket.gethostname().upper()}).status_code == 200
 
 
+def test_open_webui_style_backend_is_unaffected(make_client, fake_engine):
+    """Open WebUI calls Ollama from its backend, with no Origin, at the address it is
+    configured with: in Docker that is host.docker.internal or the bridge's address."""
+    client = make_client()
+    for host in ("host.docker.internal:11434", "172.17.0.1:11434", "127.0.0.1:11434", "localhost:11434"):
+        headers = {"Host": host, "User-Agent": "Python/3.11 aiohttp/3.9.5"}
+        assert client.get("/api/tags", headers=headers).status_code == 200, host
+        assert client.get("/api/version", headers=headers).status_code == 200, host
+        fake_engine.enqueue("hi there")
+        r = client.post("/api/chat", json={"model": MODEL, "messages": CHAT}, headers=headers)
+        assert r.status_code == 200 and r.text.strip().endswith("}"), (host, r.text)
+        fake_engine.enqueue("hi there")
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "stream": True},
+                        headers={**headers, "Authorization": "Bearer unused"})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), (host, r.text)
+
+
 def test_allowed_hosts_setting(make_client):
     client = make_client(allowed_hosts=["kiln.example.com", "*.corp.example"])
     for host in ("kiln.example.com", "KILN.example.com:8080", "a.corp.example", "b.a.corp.example:1", "corp.example"):
