@@ -66,28 +66,29 @@ class ContextOverflow(BadRequest):
         self.param = param
         # A prompt whose size alone shows it cannot fit is not tokenized (server/inference.py
         # _count): its count is a lower bound.
-        size = "" if exact else "at least "
-        numbers = (f"the prompt is {size}{prompt_tokens} tokens, the context window {window} tokens (num_ctx), "
-                   f"the model's trained maximum {trained} tokens")
+        size = self.size = "" if exact else "at least "
+        self.numbers = (f"the prompt is {size}{prompt_tokens} tokens, the context window {window} tokens (num_ctx), "
+                        f"the model's trained maximum {trained} tokens")
         if asked and trained and asked > trained:
-            advice = (f"the request asked for num_ctx {asked}, more than the model was trained for, so "
-                      f"{window} is the most it gets: shorten the {param}")
+            self.advice = (f"the request asked for num_ctx {asked}, more than the model was trained for, so "
+                           f"{window} is the most it gets: shorten the {param}")
         elif window < trained and why:
-            advice = f"{why}: shorten the {param}"
+            self.advice = f"{why}: shorten the {param}"
         elif window < trained:
-            advice = (f"raise num_ctx (up to {trained}: options.num_ctx in the request, or "
-                      f"KILN_CONTEXT_LENGTH/OLLAMA_CONTEXT_LENGTH for the server) or shorten the {param}")
+            self.advice = f"raise num_ctx (up to {trained}: {{how}}) or shorten the {param}"
         else:
-            advice = f"that is the model's trained maximum: shorten the {param}"
-        self.detail = f"{numbers}; {advice}"
-        super().__init__(f"the input length exceeds the context length: {self.detail}"
+            self.advice = f"the window is already the model's trained maximum: shorten the {param}"
+        how = "options.num_ctx in the request, or KILN_CONTEXT_LENGTH/OLLAMA_CONTEXT_LENGTH for the server"
+        super().__init__(f"the input length exceeds the context length: {self.numbers}; "
+                         f"{self.advice.format(how=how)}"
                          + (" (or send truncate: true to drop the oldest turns)" if param == "messages" else ""))
 
     def openai_message(self) -> str:
-        what = "messages" if self.param == "messages" else "prompt"
-        return (f"This model's maximum context length is {self.window} tokens. However, your {what} resulted in "
-                f"{self.prompt_tokens} tokens. Please reduce the length of the {what}. ({self.detail}; on /v1 "
-                f"num_ctx goes in the body, top-level or in options, or in the X-Kiln-Num-Ctx header)")
+        how = ("num_ctx in the body, top-level or in an options object, or the X-Kiln-Num-Ctx header; "
+               "KILN_CONTEXT_LENGTH for the server")
+        return (f"This model's maximum context length is {self.window} tokens. However, your {self.param} "
+                f"resulted in {self.size}{self.prompt_tokens} tokens. Please reduce the length of the {self.param}. "
+                f"({self.numbers}; {self.advice.format(how=how)})")
 
 
 def classify(exc: BaseException) -> tuple[int, str, dict[str, str]]:

@@ -282,9 +282,11 @@ class Service:
                         f"(the memory budget or its compiled length allows no more)")
             p.notes.append(f"num_ctx {asked} -> {ctx} ({why})")
             log.warning("%s: num_ctx %d asked; using %d: %s", p.manifest.name, asked, ctx, why)
+        elif not asked and trained and ctx < trained:
+            why = self.scheduler.context_for(p.manifest, None)[1]  # the memory budget, if it was that
         n, exact = await self._count(runner, p.request.prompt, ctx)
-        if p.inference.trace is not None:
-            p.inference.trace["prompt_tokens"] = n  # the access log shows it, refused or not
+        trace = p.inference.trace if p.inference.trace is not None else {}
+        trace["prompt_tokens"] = n  # the access log shows it, refused or not
         if n == 0:
             raise BadRequest("the prompt is empty after templating")
         inf, dropped = p.inference, 0
@@ -300,12 +302,10 @@ class Service:
         if dropped:
             p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
             log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
-            if inf.trace is not None:
-                inf.trace["prompt_tokens"] = n
+            trace["prompt_tokens"] = n
         if n >= ctx:
-            raise ContextOverflow(n, ctx, trained, asked=asked, param="messages" if inf.messages is not None
-                                  else "prompt", why=why if not (asked and trained and asked > trained) else None,
-                                  exact=exact)
+            raise ContextOverflow(n, ctx, trained, asked=asked, why=why, exact=exact,
+                                  param="messages" if inf.messages is not None else "prompt")
         if p.request.constrained:
             await runner.backend.validate(p.request)
         limit = runner.info.get("max_prompt_len")

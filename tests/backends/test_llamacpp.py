@@ -403,3 +403,15 @@ def test_malformed_file_raises_gguf_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     with pytest.raises(GGUFError):
         LlamaCppEngine(ModelSpec(name="bad", path=str(bad)))
+
+
+def test_detokenize_gives_back_text_that_tokenizes_to_the_same_ids(backend):
+    """/api/generate's context: ids back to text (special tokens written out), which the
+    next prompt tokenizes to the same ids."""
+    text = chat("Hello there, how are you?") + "I am fine. Ünïcödé ✓"
+    ids = asyncio.run(backend.tokenize(text))
+    back = asyncio.run(backend.detokenize(ids))
+    assert back == text
+    assert asyncio.run(backend.tokenize(back)) == ids
+    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+        asyncio.run(backend.detokenize([10**9]))
