@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -43,9 +44,10 @@ class Lifecycle:
 
 @router.get("/health")
 @router.get("/healthz")
-async def health() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness: the process answers; with [[upstreams]], their replicas' state too."""
+    upstreams = getattr(request.app.state, "upstreams", None)
+    return {"status": "ok", **({"upstreams": upstreams.status()} if upstreams is not None else {})}
 
 
 @router.get("/ready")
