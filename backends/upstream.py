@@ -15,7 +15,8 @@ scaleout.md §4.1):
   selection (a burst of simultaneous requests spreads; LiteLLM's ``least-busy`` sent
   8/0). A session prefix (``affinity``) keeps a conversation on the replica that has
   its prefix cached, unless that replica has more than ``2`` and more than ``1.5×``
-  the requests of the least busy one (SMG's ``cache_aware`` balance thresholds).
+  the requests of the least busy one (SMG's ``cache_aware`` balance thresholds);
+  ties go to the replica sent fewest requests so far.
 * Health: a probe of every replica each ``probe_interval`` (``fail_threshold``
   failures take it out, ``ok_threshold`` successes bring it back); a connection
   failure or a 502/503/504 takes it out at once (passive ejection).
@@ -35,7 +36,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -323,8 +323,8 @@ class UpstreamPool:
             best = max(pool, key=lambda r: hashlib.blake2b(f"{affinity}\0{r.base}".encode(), digest_size=8).digest())
             if balanced(best):
                 return best
-        least = min(r.inflight for r in pool)
-        return random.choice([r for r in pool if r.inflight == least])
+        # Fewest in flight; on a tie the one sent fewest so far, so ties do not drift one way.
+        return min(pool, key=lambda r: (r.inflight, r.routed))
 
     async def stream(self, name: str, req: GenerationRequest) -> AsyncIterator[Chunk]:
         u = self.find(name)
@@ -374,8 +374,14 @@ class UpstreamPool:
         path, body = wire.build(c.api, model_id, req)
         yielded = False
         try:
-            async with r.upstream.client.stream("POST", r.base + path, content=orjson.dumps(body),
-                                                headers={"Content-Type": "application/json"}) as resp:
+            async with contextlib.AsyncExitStack() as stack:
+                try:  # a node that accepts but never answers (SIGSTOP, a wedged engine) counts as no first token
+                    async with asyncio.timeout(c.first_token_timeout):
+                        resp = await stack.enter_async_context(r.upstream.client.stream(
+                            "POST", r.base + path, content=orjson.dumps(body),
+                            headers={"Content-Type": "application/json"}))
+                except TimeoutError:
+                    raise _Timeout(f"sent no answer within {c.first_token_timeout:g}s") from None
                 if resp.status_code != 200:
                     await self._refused(r, resp, model_id)
                 decoder = wire.Decoder(c.api)

@@ -32,7 +32,7 @@ class Node:
         self.prefix = args.prefix.rstrip("/")
         self.serial = asyncio.Lock() if args.serial else None
         self.stats: dict[str, Any] = {"requests": 0, "by_model": {}, "by_path": {}, "inflight": 0,
-                                      "cancelled": 0, "completed": 0, "last": None}
+                                      "cancelled": 0, "completed": 0, "last": None, "systems": []}
 
     # -- HTTP ------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -83,6 +83,9 @@ class Node:
         self.stats["by_path"][path] = self.stats["by_path"].get(path, 0) + 1
         self.stats["by_model"][model] = self.stats["by_model"].get(model, 0) + 1
         self.stats["last"] = body
+        system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), None)
+        if system is not None and len(self.stats["systems"]) < 1000:
+            self.stats["systems"].append(system)
         if model not in self.models:
             return await self.send(w, 404, {"error": {"message": f"model '{model}' not found"}}
                                    if path.startswith(self.prefix) else {"error": f"model '{model}' not found"})
