@@ -62,4 +62,6 @@ async def metrics(request: Request) -> Response:
     service = request.app.state.service
     scheduler = service.scheduler
     service.metrics.sample(scheduler.loaded(), dict(scheduler.waiting))
+    if service.upstreams is not None:
+        service.metrics.sample_upstreams(service.upstreams.status())
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -211,12 +211,13 @@ def test_prefix_affinity(nodes, front) -> None:
     a = nodes("--models", "m1", "--tokens", "2", "--delay", "0.0")
     b = nodes("--models", "m1", "--tokens", "2", "--delay", "0.0")
     kiln = front([{"name": "fleet", "api": "openai", "urls": [a.origin + "/v1", b.origin + "/v1"], **FAST}])
-    for i in range(64):
-        system = f"You are agent {i}. " + "Rules. " * 50
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": f"task {i}"}]
-        assert httpx.post(kiln.url + "/v1/chat/completions", json={"model": "m1", "messages": msgs}).status_code == 200
-        msgs += [{"role": "assistant", "content": "t0 t1"}, {"role": "user", "content": "and then?"}]
-        assert httpx.post(kiln.url + "/v1/chat/completions", json={"model": "m1", "messages": msgs}).status_code == 200
+    with httpx.Client(base_url=kiln.url) as client:
+        for i in range(64):
+            system = f"You are agent {i}. " + "Rules. " * 50
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": f"task {i}"}]
+            assert client.post("/v1/chat/completions", json={"model": "m1", "messages": msgs}).status_code == 200
+            msgs += [{"role": "assistant", "content": "t0 t1"}, {"role": "user", "content": "and then?"}]
+            assert client.post("/v1/chat/completions", json={"model": "m1", "messages": msgs}).status_code == 200
     sa, sb = a.stats()["systems"], b.stats()["systems"]
     split = sum(1 for s in set(sa) if s in sb)
     ratio = max(len(sa), len(sb)) / max(1, min(len(sa), len(sb)))
