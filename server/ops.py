@@ -44,10 +44,16 @@ class Lifecycle:
 
 @router.get("/health")
 @router.get("/healthz")
-async def health(request: Request) -> dict[str, Any]:
-    """Liveness: the process answers; with [[upstreams]], their replicas' state too."""
+async def health(request: Request) -> JSONResponse:
+    """The process answers: 200, or 503 once it drains for shutdown, so a router in front
+    (SMG, vllm-router, a Kubernetes Service) stops sending it work; with [[upstreams]],
+    their replicas' state too. Models load on demand, so there is no "loading" state here."""
     upstreams = getattr(request.app.state, "upstreams", None)
-    return {"status": "ok", **({"upstreams": upstreams.status()} if upstreams is not None else {})}
+    draining = request.app.state.lifecycle.draining
+    body: dict[str, Any] = {"status": "draining" if draining else "ok"}
+    if upstreams is not None:
+        body["upstreams"] = upstreams.status()
+    return JSONResponse(body, status_code=503 if draining else 200)
 
 
 @router.get("/ready")
