@@ -248,7 +248,8 @@ class UpstreamPool:
 
     async def _probe(self, r: Replica) -> None:
         c = r.upstream.config
-        timeout = httpx.Timeout(min(c.probe_interval, 5.0), connect=c.connect_timeout)
+        # At least 2 s: a short probe interval must not make a busy replica look dead.
+        timeout = httpx.Timeout(min(max(c.probe_interval, 2.0), 5.0), connect=c.connect_timeout)
         path = c.health or ("/" if c.api == "ollama" else "/health")
         try:
             resp = await r.upstream.client.get(r.origin + path, timeout=timeout)
