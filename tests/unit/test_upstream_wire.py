@@ -109,3 +109,34 @@ def test_selection_least_outstanding_affinity_and_saturation() -> None:
         pool.select(u, "m", None, set())
     assert e.value.retry_after == 2 and "no replica" in str(e.value)
     assert key("Qwen3:8B") == "qwen3:8b" and key("m") == "m:latest"
+
+
+def test_upstreams_from_the_config_file(monkeypatch, tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    cfg = tmp_path / "kiln.toml"
+    cfg.write_text('[[upstreams]]\nname = "gpu"\nurls = ["http://10.0.0.5:8000/v3"]\napi_key_env = "GPU_KEY"\n'
+                   'models = {"qwen3:32b" = "Qwen/Qwen3-32B"}\n'
+                   '[[upstreams]]\nname = "nodes"\napi = "ollama"\nurls = ["http://192.168.1.7:11434/"]\n')
+    monkeypatch.setenv("KILN_CONFIG", str(cfg))
+    monkeypatch.setenv("GPU_KEY", "sekrit")
+    s = Settings()
+    gpu, nodes = s.upstreams
+    assert gpu.api_key.get_secret_value() == "sekrit" and "sekrit" not in repr(s)
+    assert nodes.api == "ollama" and nodes.urls == ["http://192.168.1.7:11434"]  # private addresses: the admin's
+    pool = UpstreamPool(s.upstreams)
+    assert pool.upstreams[0].replicas[0].base == "http://10.0.0.5:8000/v3"  # OVMS prefix kept
+    assert pool.find("Qwen3:32B") is pool.upstreams[0] and pool.upstreams[0].model_id("qwen3:32b") == "Qwen/Qwen3-32B"
+    monkeypatch.delenv("GPU_KEY")
+    with pytest.raises(ValidationError, match="GPU_KEY is not set"):
+        Settings()
+    for bad, why in (('[[upstreams]]\nname = "a"\nurls = ["ftp://x"]\n', "not http"),
+                     ('[[upstreams]]\nname = "a"\nurls = ["http://x"]\n[[upstreams]]\nname = "a"\nurls = ["http://y"]\n',
+                      "unique"),
+                     ('[[upstreams]]\nname = "a"\nurls = ["http://x"]\napi = "grpc"\n', "openai"),
+                     ('[[upstreams]]\nname = "a"\nurls = []\n', "at least 1")):
+        cfg.write_text(bad)
+        with pytest.raises(ValidationError, match=why):
+            Settings()
