@@ -91,7 +91,10 @@ def _request(service: Service, inf: Inference) -> Prepared:
     keep = inf.keep_alive
     req = UpstreamRequest(
         prompt=inf.prompt or "", sampling=resolve({}, options).sampling, messages=inf.messages,
-        tools=inf.tools if fns else None, tool_choice=inf.tool_choice if fns else None, format=inf.format,
+        tools=inf.tools if fns else None, format=inf.format,
+        # the policy's choice too ("required-then-auto" forces a call on a new question)
+        tool_choice=(inf.tool_choice if inf.tool_choice is not None else "required" if forced else None) if fns
+        else None,
         options=options, keep_alive=(-1 if keep is not None and math.isinf(keep) else keep), think=inf.think,
         system=inf.system, suffix=inf.suffix, raw=inf.raw, whole=not getattr(inf, "stream", True),
         affinity=affinity(inf))

@@ -138,6 +138,19 @@ class Node:
             w.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             await w.drain()
 
+        if body.get("tools"):  # a call to the first tool, streamed as each API streams calls
+            name = body["tools"][0]["function"]["name"]
+            if kind == "chat":
+                parts = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": '{"ci'}},
+                         {"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]
+                evs = [{"choices": [{"index": 0, "delta": {"tool_calls": [p]}, "finish_reason": None}]} for p in parts]
+            else:
+                evs = [{"model": model, "done": False, "message": {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": name, "arguments": {"city": "Oslo"}}}]}}]
+            for ev in evs:
+                await chunk((b"data: " + json.dumps(ev).encode() + b"\n\n") if kind == "chat"
+                            else json.dumps(ev).encode() + b"\n")
+            words = []
         for i, word in enumerate(words):
             await asyncio.sleep(self.delay)
             if kind == "chat":

@@ -252,3 +252,37 @@ def test_throughput_scales_with_replicas(nodes, front) -> None:
     print(f"U18: 16 requests on serial nodes: 1 replica {min(walls['solo']):.2f}s, 2 replicas "
           f"{min(walls['duo']):.2f}s: x{scale:.2f} (ideal: 6.4 s, 3.2 s)")
     assert scale >= 1.9
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+def test_dialects_over_either_kind_of_upstream(nodes, front) -> None:
+    """U15: Ollama's dialect over an OpenAI upstream and OpenAI's over an Ollama one:
+    framing, usage and tool calls come out as for a local model."""
+    a = nodes("--models", "m1", "--tokens", "5", "--delay", "0.0")
+    kiln = front([{"name": "oa", "api": "openai", "urls": [a.origin + "/v1"], "models": {"via-openai": "m1"}},
+                  {"name": "ol", "api": "ollama", "urls": [a.origin], "models": {"via-ollama": "m1"}}])
+    lines = [json.loads(x) for x in CLIENT.post(kiln.url + "/api/chat", json={
+        "model": "via-openai", "messages": [{"role": "user", "content": "x"}]}).text.splitlines()]
+    assert [x["message"]["content"] for x in lines[:-1]] == [f"t{i} " for i in range(5)]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 5 and lines[-1]["prompt_eval_count"] == 3
+    r = CLIENT.post(kiln.url + "/api/chat", json={"model": "via-openai", "stream": False, "tools": TOOLS,
+                                                  "messages": [{"role": "user", "content": "weather in Oslo?"}]})
+    (call,) = r.json()["message"]["tool_calls"]  # the shape kiln gives a local model's call
+    assert call["function"] == {"index": 0, "name": "get_weather", "arguments": {"city": "Oslo"}}
+    assert a.stats()["last"]["tools"] == TOOLS
+    r = CLIENT.post(kiln.url + "/v1/chat/completions", json={"model": "via-ollama", "tools": TOOLS,
+                                                             "messages": [{"role": "user", "content": "weather?"}]})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'} and call["type"] == "function"
+    r = CLIENT.post(kiln.url + "/api/generate", json={"model": "via-ollama", "prompt": "p", "stream": False,
+                                                      "options": {"num_predict": 3, "num_ctx": 2048},
+                                                      "keep_alive": "7m"})
+    assert r.json()["response"] == "t0 t1 t2 " and r.json()["eval_count"] == 3
+    sent = a.stats()["last"]
+    assert sent["options"]["num_ctx"] == 2048 and sent["keep_alive"] == 420.0 and sent["prompt"] == "p"
