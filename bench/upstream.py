@@ -2,7 +2,11 @@
 the bundled model, reached directly and through a front kiln whose ``[[upstreams]]``
 points at it, in alternating order, streamed, at c=1 and c=8.
 
-    python -m bench.upstream [--tokens 64] [--reps 3] [--api ollama|openai]
+    python -m bench.upstream [--tokens 64] [--reps 3] [--api ollama|openai] [--fake DELAY]
+
+``--fake 0.016``: the node is the fake engine of tests/upstream at ~60 tokens/s per
+stream (this machine's SmolLM2 rate), so only the hop differs, whatever else the
+machine runs.
 
 Prints one JSON line per round and the median tok/s ratio and TTFT difference per
 concurrency. Both servers listen on 127.0.0.1 only.
@@ -14,13 +18,16 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench import load
 from backends.bundled import smollm2_path
-from bench.servers import Config, kiln, running
+from bench.servers import Config, Target, kiln, running
+
+FAKE = Path(__file__).resolve().parent.parent / "tests" / "upstream" / "fake_upstream.py"
 
 
 async def _round(url: str, model: str, c: int, per: int, s: load.Sampling) -> load.Round:
@@ -43,12 +50,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--api", default="ollama", choices=("ollama", "openai"))
+    ap.add_argument("--fake", type=float, default=0.0, metavar="DELAY",
+                    help="a fake node (tests/upstream/fake_upstream.py) with this delay per token instead of kiln")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kiln-upstream-bench-"))
     gguf = smollm2_path()
     assert gguf is not None, "the bundled model is not installed"
     cfg = Config(gguf=gguf, threads=2, parallel=8, work_dir=tmp)
     node_t = kiln(cfg, name="node")
+    if args.fake:  # the fake node at a real engine's pace: only the hop's cost differs
+        node_t = Target("node", "smollm2:135m", argv=[sys.executable, str(FAKE), "--port", "{port}", "--models",
+                                                        "smollm2:135m", "--tokens", str(args.tokens),
+                                                        "--delay", str(args.fake)], ready_path="/health")
     with running(node_t, tmp) as node:
         url = node.url + ("/v1" if args.api == "openai" else "")
         config = tmp / "front.toml"
