@@ -81,12 +81,19 @@ def _request(service: Service, inf: Inference) -> Prepared:
         raise BadRequest(f'"{inf.model}" does not support images')
     if inf.template:
         raise BadRequest("template cannot be set for an upstream model: the upstream applies its own")
+    if inf.context:
+        raise BadRequest("context (token ids) cannot be sent to an upstream model: its tokenizer is not kiln's; "
+                         "send the conversation with /api/chat instead")
     m = manifest(service, inf.model)
     try:
         policy = merge(service.settings.policy, m.policy)
     except ValueError as e:
         raise BadRequest(f"invalid generation policy for {m.name}: {e}") from None
     options, notes = apply(policy, dict(inf.options))
+    for name, value in inf.fallback.items():  # the dialect's defaults, as Service.prepare applies them
+        if name not in options:
+            options[name] = value
+            notes.append(f"{name}={value} ({inf.fallback_from})")
     fns, forced = Service._tools(inf, policy)
     keep = inf.keep_alive
     req = UpstreamRequest(
