@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from server import __version__, models
 from backends.base import BackendError, InvalidRequest
 from backends.store import InvalidName, ModelNotFound, ModelStore
+from backends.upstream import UpstreamPool
 from server.errors import KilnError, classify
 from server.inference import Service
 from server.metrics import Metrics
@@ -135,12 +136,18 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         app.state.store = store
         app.state.scheduler = scheduler
         app.state.service = Service(settings, store, scheduler, metrics)
+        app.state.upstreams = None
+        if settings.upstreams:  # backends/upstream.py; nothing of it runs without [[upstreams]]
+            app.state.upstreams = app.state.service.upstreams = UpstreamPool(settings.upstreams)
+            await app.state.upstreams.start()
         app.state.ready = True
         lifecycle.loop = asyncio.get_running_loop()
         lifecycle.on_drain.append(lambda: setattr(app.state.service, "draining", True))
         try:
             yield
         finally:
+            if app.state.upstreams is not None:
+                await app.state.upstreams.close()
             await scheduler.shutdown()
             await app.state.service.renderer.close()
 

@@ -340,7 +340,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     for name, (value, source) in setting_sources(settings).items():
         if name in SECRET_SETTINGS:
             value = [mask_key(k) for k in value]
-        shown = ",".join(value) if isinstance(value, list) else value
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        if name == "upstreams":  # name=api:replicas (keys are SecretStr: never printed)
+            shown = ", ".join(f"{u.name}={u.api}:{' '.join(u.urls)}" for u in value) or "[]"
         print(f"{name:<20} {str(shown):<40} ({source})")
     return 0
 

@@ -9,6 +9,7 @@ options, a prompt longer than the context, a full queue) happens before its firs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -72,6 +73,7 @@ class Inference:
     # nor the policy set the option (OpenAI's temperature and top_p of 1.0), and named.
     fallback: dict[str, Any] = field(default_factory=dict)
     fallback_from: str = "the dialect's default"
+    stream: bool = True  # False: the client waits for the whole answer (an upstream may re-send it)
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Service:
         self.scheduler = scheduler
         self.metrics = metrics or Metrics()
         self.draining = False
+        self.upstreams: Any = None  # backends.upstream.UpstreamPool when [[upstreams]] are configured
 
     # -- building the engine request -------------------------------------------------
     async def prepare(self, inf: Inference) -> Prepared:
@@ -237,6 +240,13 @@ class Service:
         t0 = time.monotonic_ns()
         if self.draining:
             raise Unavailable("the server is shutting down")
+        if self.upstreams is not None and self.upstreams.find(inf.model) is not None:
+            from server import remote  # an upstream model: server/remote.py (imports this module)
+
+            async with contextlib.aclosing(remote.stream(self, inf)) as items:
+                async for item in items:
+                    yield item
+            return
         trace = inf.trace = inf.trace if inf.trace is not None else {}
         trace["model"] = inf.model
         p = await self.prepare(inf)
@@ -332,6 +342,10 @@ class Service:
                     options: dict[str, Any] | None = None) -> Embedded:
         """Raw (not normalised) vectors, one per text."""
         t0 = time.monotonic_ns()
+        if self.upstreams is not None and self.upstreams.find(model) is not None:
+            from server import remote
+
+            return await remote.embed(self, model, texts)
         m = self.store.get(model)
         resolve(m.parameters, options or {})
         async with self.scheduler.use(m, keep_alive=keep_alive) as lease:

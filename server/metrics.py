@@ -44,6 +44,19 @@ class Metrics:
                                         buckets=_LATENCY, registry=r)
         self.restarts = Counter("kiln_worker_restarts_total", "Worker processes restarted after dying", ["model"],
                                 registry=r)
+        # The Gateway API Inference Extension's model server protocol (TotalQueuedRequests,
+        # TotalRunningRequests, KVCacheUtilization; vLLM's num_requests_waiting/_running,
+        # kv_cache_usage_perc): so routers (llm-d's EPP, SMG) can read kiln's load. A llama.cpp
+        # slot owns a fixed share of the KV cache, so slots in use / slots is the KV share reserved.
+        self.waiting = Gauge("kiln_requests_waiting", "Requests waiting for a slot or a load (all models)",
+                             registry=r)
+        self.running = Gauge("kiln_requests_running", "Requests holding a slot (all models)", registry=r)
+        self.slot_usage = Gauge("kiln_kv_cache_usage_ratio", "Slots in use / slots of the loaded models (0-1); "
+                                "each slot reserves its share of the KV cache", registry=r)
+        self.upstream_up = Gauge("kiln_upstream_replica_up", "1 if an upstream replica takes requests",
+                                 ["upstream", "replica"], registry=r)
+        self.upstream_inflight = Gauge("kiln_upstream_replica_requests", "Requests in flight on an upstream replica",
+                                       ["upstream", "replica"], registry=r)
         self.stream_errors = Counter("kiln_stream_errors_total", "Streams that ended with an in-stream error",
                                      ["model"], registry=r)
 
@@ -79,3 +92,13 @@ class Metrics:
             self.active.labels(r.manifest.name).set(r.refcount)
         for key, n in waiting.items():
             self.queue_depth.labels(key).set(n)
+        slots = sum(r.num_parallel for r in runners)
+        self.waiting.set(sum(waiting.values()))
+        self.running.set(sum(r.refcount for r in runners))
+        self.slot_usage.set(sum(r.refcount for r in runners) / slots if slots else 0.0)
+
+    def sample_upstreams(self, status: dict) -> None:
+        for name, u in status.items():
+            for rep in u["replicas"]:
+                self.upstream_up.labels(name, rep["url"]).set(1 if rep["up"] else 0)
+                self.upstream_inflight.labels(name, rep["url"]).set(rep["inflight"])

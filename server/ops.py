@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -43,9 +44,16 @@ class Lifecycle:
 
 @router.get("/health")
 @router.get("/healthz")
-async def health() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """The process answers: 200, or 503 once it drains for shutdown, so a router in front
+    (SMG, vllm-router, a Kubernetes Service) stops sending it work; with [[upstreams]],
+    their replicas' state too. Models load on demand, so there is no "loading" state here."""
+    upstreams = getattr(request.app.state, "upstreams", None)
+    draining = request.app.state.lifecycle.draining
+    body: dict[str, Any] = {"status": "draining" if draining else "ok"}
+    if upstreams is not None:
+        body["upstreams"] = upstreams.status()
+    return JSONResponse(body, status_code=503 if draining else 200)
 
 
 @router.get("/ready")
@@ -60,4 +68,6 @@ async def metrics(request: Request) -> Response:
     service = request.app.state.service
     scheduler = service.scheduler
     service.metrics.sample(scheduler.loaded(), dict(scheduler.waiting))
+    if service.upstreams is not None:
+        service.metrics.sample_upstreams(service.upstreams.status())
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

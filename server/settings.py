@@ -14,9 +14,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from backends.upstream import UpstreamConfig
 from server.durations import FOREVER, go_duration, parse_duration
 
 
@@ -105,6 +106,24 @@ class Settings(BaseSettings):
                     "mode, context_overflow, limits per option, loop_guard.")
     log_level: str = Field(
         "info", validation_alias=_env("KILN_LOG_LEVEL"), description="debug, info, warning or error.")
+    upstreams: list[UpstreamConfig] = Field(
+        default_factory=list, validation_alias=_env("KILN_UPSTREAMS"),
+        description="Other engines serving models through kiln (the [[upstreams]] tables; JSON in "
+                    "KILN_UPSTREAMS): name, api (openai|ollama), urls, models, api_key_env, timeouts.")
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_keys(cls, v: list[UpstreamConfig]) -> list[UpstreamConfig]:
+        """Each upstream's key, read from the variable its table names (keys stay out of the file)."""
+        names = [u.name for u in v]
+        if len(set(names)) != len(names):
+            raise ValueError("upstream names must be unique")
+        for u in v:
+            if u.api_key_env:
+                if u.api_key_env not in os.environ:
+                    raise ValueError(f"upstream {u.name}: api_key_env {u.api_key_env} is not set")
+                u.api_key = SecretStr(os.environ[u.api_key_env])
+        return v
 
     # -- the HTTP edge: who may reach the API (README "Browsers, Host and Origin") --
     allowed_hosts: Annotated[list[str], NoDecode] = Field(

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from backends.base import Chunk
 from backends.store import ModelName
-from server import __version__, models
+from server import __version__, models, remote
 from server.errors import BadRequest, NotFound
 from server.options import check
 from server.inference import Inference, Result, Service
@@ -52,6 +52,7 @@ async def version() -> dict[str, str]:
 
 async def _run(request: Request, inf: Inference, stream: bool, chunk_fn: Any, final_fn: Any) -> Response:
     inf.trace = trace(request)
+    inf.stream = stream
 
     def encode(item: Any) -> bytes | None:
         if isinstance(item, Chunk):
@@ -70,6 +71,8 @@ async def _load_or_unload(request: Request, model: str, keep_alive: float | None
     """An empty prompt/messages loads the model (or with keep_alive 0 unloads it);
     Ollama answers with one JSON object, streaming asked for or not."""
     service = _service(request)
+    if remote.serves(service, model):  # the upstream loads and unloads its own models
+        return JSONResponse(translate.load_reply(model, "unload" if keep_alive == 0 else "load", chat=chat))
     manifest = service.store.get(model)
     if keep_alive == 0:
         await service.scheduler.unload(manifest.name)
@@ -139,7 +142,7 @@ async def embeddings(request: Request, body: EmbeddingsRequest) -> dict[str, Any
 @router.get("/api/tags")
 @router.head("/api/tags", include_in_schema=False)
 async def tags(request: Request) -> dict[str, Any]:
-    return {"models": [translate.tag_entry(m) for m in _service(request).store.list()]}
+    return {"models": remote.listing(_service(request), translate.tag_entry)}
 
 
 @router.post("/api/show")
@@ -147,6 +150,8 @@ async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
     if not body.target:
         raise BadRequest("model is required")
     service = _service(request)
+    if remote.serves(service, body.target):
+        return remote.show(service, body.target)
     out = models.show(service.store, body.target, verbose=bool(body.verbose))
     runner = service.scheduler.runners.get(ModelName.parse(body.target).display.lower())
     if runner is not None and runner.info.get("fallbacks"):
@@ -176,7 +181,7 @@ async def ps(request: Request) -> dict[str, Any]:
         entry["kiln"] = {**_public_info(r.info), "backend": r.manifest.backend, "requests": r.refcount,
                          "num_parallel": r.num_parallel}
         out.append(entry)
-    return {"models": out}
+    return {"models": out + remote.ps_entries(_service(request))}
 
 
 @router.post("/api/copy")

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from backends.base import Chunk
+from server import remote
 from server.errors import BadRequest
 from server.inference import Result, Service
 from server.openai import translate
@@ -32,6 +33,7 @@ def _sse_error(message: str) -> bytes:
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     inf = translate.chat_to_internal(body, request.headers.get(translate.NUM_CTX_HEADER))
     inf.trace = trace(request)
+    inf.stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.ChatStream(body.model, include_usage)
     started = False
@@ -57,6 +59,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
 async def completions(request: Request, body: CompletionRequest) -> Response:
     inf = translate.completion_to_internal(body, request.headers.get(translate.NUM_CTX_HEADER))
     inf.trace = trace(request)
+    inf.stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.CompletionStream(body.model, include_usage)
 
@@ -98,10 +101,10 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> dict[str, Any]
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [translate.model_entry(m) for m in _service(request).store.list()]}
+    return {"object": "list", "data": remote.listing(_service(request), translate.model_entry)}
 
 
 @router.get("/models/{model:path}")
 async def get_model(request: Request, model: str) -> dict[str, Any]:
-    m = _service(request).store.get(model)
+    m = remote.get(_service(request), model)
     return {**translate.model_entry(m), "id": model}

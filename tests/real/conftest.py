@@ -2,7 +2,9 @@
 ``KILN_CONFORMANCE_BACKEND`` set they run, unchanged, against the same model served
 by OpenVINO: ``openvino-cpu`` (the GGUF through OpenVINO GenAI's continuous-batching
 pipeline) or ``openvino-npu`` (an int4 IR compiled for the NPU profile, run by the
-static NPU pipeline with OpenVINO's NPU wrapper on the CPU, ``NPUW_DEVICES=CPU``)."""
+static NPU pipeline with OpenVINO's NPU wrapper on the CPU, ``NPUW_DEVICES=CPU``).
+``upstream``: the model lives on a second kiln node, reached through ``[[upstreams]]``
+(``api = "ollama"``, discovered: it shadows the front's own copy)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,15 @@ def compile_into(store: Path, backend: str) -> None:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("kiln")
+    if BACKEND == "upstream":
+        (tmp / "node").mkdir()
+        node = start_server(tmp / "node", env={"KILN_NUM_PARALLEL": "4"})
+        (tmp / "config.toml").write_text(f'[[upstreams]]\nname = "node"\napi = "ollama"\nurls = ["{node.url}"]\n')
+        s = start_server(tmp, env={"KILN_CONFIG": str(tmp / "config.toml")})
+        yield s
+        stop_server(s)
+        stop_server(node)
+        return
     if BACKEND != "llamacpp":
         if BACKEND not in COMPILE_ARGS:
             pytest.fail(f"unknown KILN_CONFORMANCE_BACKEND {BACKEND!r} (llamacpp, {', '.join(COMPILE_ARGS)})")
