@@ -142,12 +142,6 @@ class Settings(BaseSettings):
         description="Seconds a connection may take to send a request's line and headers (idle and "
                     "half-sent requests are dropped after this).")
 
-    @field_validator("allowed_hosts", "admin_keys", mode="before")
-    @classmethod
-    def _split_edge(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [s.strip() for s in v.split(",") if s.strip()]
-        return v
     # Durations are read as Ollama reads them (OLLAMA_LOAD_TIMEOUT=10m must work).
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -166,7 +160,7 @@ class Settings(BaseSettings):
     def _grace(cls, v: Any) -> float:
         return go_duration(v)
 
-    @field_validator("origins", "api_keys", mode="before")
+    @field_validator("origins", "api_keys", "allowed_hosts", "admin_keys", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         if isinstance(v, str):
