@@ -7,7 +7,8 @@ Its reply is, in order of precedence: the next entry of ``FakeEngine.script``
 (``FakeEngine.enqueue("text")``), ``spec.extra["reply"]``, or an echo of the
 prompt's last line. A reply is emitted one word (token) at a time.
 ``spec.extra``: ``delay`` seconds per token, ``fail_at`` (raise after N tokens),
-``crash_at`` (kill the process after N tokens: tests the gateway's restart).
+``crash_at`` (kill the process after N tokens: tests the gateway's restart), ``info``
+(merged into ``info()``: the limits a real engine reports, e.g. an NPU's ``max_prompt_len``).
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class FakeEngine(Engine):
         return Embeddings(vecs, sum(len(self.tokenize(t)) for t in texts))
 
     def info(self) -> dict[str, Any]:
-        return {"device": "fake", "num_ctx": self.spec.num_ctx, "num_parallel": self.spec.num_parallel}
+        # extra["info"]: what a real engine would report (an NPU's compiled limits, say)
+        return {"device": "fake", "num_ctx": self.spec.num_ctx, "num_parallel": self.spec.num_parallel,
+                **self.spec.extra.get("info", {})}
 
     def stats(self) -> dict[str, Any]:
         return {"active": self.active}

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.gguf import human_number
+from backends.openvino.request import npu_prefill_properties, npu_prompt_size
 from backends.store import FileRef, Manifest, ModelName, ModelStore
 from compile.source import (
     CompileError,
@@ -49,6 +50,13 @@ from compile.source import (
 )
 
 PROFILE_DEVICES = {"npu": ["NPU", "CPU"], "gpu": ["GPU", "CPU"], "cpu": ["CPU"]}
+# The NPU profile's prompt limit by default: the model's trained context less the response
+# room, up to this. Agents send 7,000-16,000 tokens (Open WebUI's first chat is 7,013,
+# OpenClaw's default turn 13,256); the static KV cache is allocated for all of it.
+NPU_PROMPT_CAP = 16384
+# Chunked prefill (PREFILL_HINT=DYNAMIC): the prompt goes through the static prefill model
+# this many tokens at a time, so a long prompt needs no graph of its own length.
+NPU_PREFILL_CHUNK = 1024
 SMOKE_PROMPT = "The capital of France is"
 
 
@@ -62,8 +70,10 @@ class Options:
     group_size: int = 128
     ratio: float = 1.0
     group_size_fallback: str = "adjust"
-    max_prompt_len: int = 1024
+    max_prompt_len: int = 0  # 0: from the model's trained context (npu_prompt_len)
+    max_prompt_cap: int = NPU_PROMPT_CAP
     min_response_len: int = 128
+    prefill_chunk_size: int = NPU_PREFILL_CHUNK  # 0: PREFILL_HINT=STATIC, the whole prompt at once
     npuw_devices: str | None = None
     store: str = ""
     no_export: bool = False
@@ -196,8 +206,41 @@ def npu_group_size(n_params: int) -> int:
     return 128 if n_params < 5_000_000_000 else -1
 
 
+def npu_prompt_len(opts: Options, trained: int) -> tuple[int, str]:
+    """The MAX_PROMPT_LEN to compile (as OpenVINO's NPU wrapper will really size it: up to
+    a multiple of 64, and of the prefill chunk when chunked) and a note on how it was
+    chosen. By default the model's trained context less MIN_RESPONSE_LEN, capped at
+    ``max_prompt_cap`` and rounded down to whole chunks; an explicit ``--max-prompt-len``
+    is kept (rounded up as NPUW rounds it) unless the model was not trained that far."""
+    unit = opts.prefill_chunk_size or 64
+    room = trained - opts.min_response_len if trained else 0
+    if opts.max_prompt_len:
+        n = npu_prompt_size(opts.max_prompt_len, opts.prefill_chunk_size)
+        if room and n > room:
+            raise CompileError(
+                f"--max-prompt-len {opts.max_prompt_len} (compiled as {n}, rounded as OpenVINO's NPU "
+                f"wrapper rounds it) plus --min-response-len {opts.min_response_len} is more than the "
+                f"{trained} tokens the model was trained for")
+        note = "" if n == opts.max_prompt_len else f" (--max-prompt-len {opts.max_prompt_len} rounded up, as OpenVINO's NPU wrapper does)"
+        return n, f"MAX_PROMPT_LEN {n}{note}"
+    ceiling = min(room, opts.max_prompt_cap) if room else opts.max_prompt_cap
+    # less than one chunk: NPUW then prefills statically, in a graph rounded to 64
+    n = ceiling // unit * unit or max(64, ceiling // 64 * 64)
+    why = (f"the trained context {trained} less MIN_RESPONSE_LEN {opts.min_response_len}" if room and room <= opts.max_prompt_cap
+           else f"capped at {opts.max_prompt_cap} (--max-prompt-cap)" if room
+           else f"the model names no trained context; --max-prompt-cap {opts.max_prompt_cap}")
+    return n, f"MAX_PROMPT_LEN {n}: {why}, in whole prefill chunks of {unit}"
+
+
+def trained_context(src: Source) -> int:
+    if src.gguf is not None:
+        return int(src.gguf.context_length or 0)
+    return int(src.config.get("max_position_embeddings") or src.config.get("n_positions") or 0)
+
+
 def npu_properties(opts: Options) -> dict[str, Any]:
     props: dict[str, Any] = {"MAX_PROMPT_LEN": opts.max_prompt_len, "MIN_RESPONSE_LEN": opts.min_response_len}
+    props.update(npu_prefill_properties(opts.prefill_chunk_size))
     if opts.npuw_devices:
         props["NPUW_DEVICES"] = opts.npuw_devices
     return props
@@ -259,7 +302,7 @@ def base_manifest(src: Source, opts: Options, sha: str, n_params: int, tok: Any 
         m.bos_token, m.eos_token = g.token_text("bos"), g.token_text("eos")
         m.model_info = g.model_info()
     else:
-        m.context_length = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+        m.context_length = trained_context(src) or 2048
         m.embedding_length = int(cfg.get("hidden_size") or 0)
         m.model_info = {"general.architecture": arch, "general.parameter_count": n_params,
                         f"{arch}.context_length": m.context_length}
@@ -294,8 +337,18 @@ def parse_args(argv: list[str] | None) -> Options:
                     help="layers whose width the group size does not divide: smaller groups (adjust), "
                          "backup precision (ignore) or fail (default adjust)")
     ap.add_argument("--ratio", type=float, default=1.0, help="share of layers in int4, the rest int8 (default 1.0)")
-    ap.add_argument("--max-prompt-len", type=int, default=1024, help="NPU: MAX_PROMPT_LEN (default 1024)")
+    ap.add_argument("--max-prompt-len", type=int, default=0,
+                    help="NPU: MAX_PROMPT_LEN, the longest prompt (with chat history) the static pipeline "
+                         "takes (default: the model's trained context less --min-response-len, up to "
+                         "--max-prompt-cap)")
+    ap.add_argument("--max-prompt-cap", type=int, default=NPU_PROMPT_CAP,
+                    help=f"NPU: the default MAX_PROMPT_LEN's ceiling (default {NPU_PROMPT_CAP}; the KV cache "
+                         f"for all of it is allocated at load)")
     ap.add_argument("--min-response-len", type=int, default=128, help="NPU: MIN_RESPONSE_LEN (default 128)")
+    ap.add_argument("--prefill-chunk-size", type=int, default=NPU_PREFILL_CHUNK,
+                    help=f"NPU: prefill the prompt this many tokens at a time (NPUW_LLM_PREFILL_CHUNK_SIZE, a "
+                         f"power of two; default {NPU_PREFILL_CHUNK}); 0 = one static prefill of "
+                         f"MAX_PROMPT_LEN (PREFILL_HINT=STATIC)")
     ap.add_argument("--npuw-devices", default=None,
                     help="NPU: where OpenVINO's NPU wrapper runs (NPUW_DEVICES); CPU when no NPU is present")
     ap.add_argument("--store", default=None, help="the model store (default $KILN_MODELS, $OLLAMA_MODELS or "
@@ -309,6 +362,7 @@ def parse_args(argv: list[str] | None) -> Options:
                    sym=bool(a.sym), group_size=a.group_size if a.group_size is not None else 128,
                    ratio=a.ratio, group_size_fallback=a.group_size_fallback,
                    max_prompt_len=a.max_prompt_len, min_response_len=a.min_response_len,
+                   max_prompt_cap=a.max_prompt_cap, prefill_chunk_size=a.prefill_chunk_size,
                    npuw_devices=a.npuw_devices, store=a.store or default_store(),
                    no_export=a.no_export, verify=a.verify)
     if opts.profile == "npu":
@@ -321,8 +375,11 @@ def parse_args(argv: list[str] | None) -> Options:
         ap.error("--ratio must be in (0, 1]")
     if a.group_size is not None and (a.group_size == 0 or a.group_size < -1):
         ap.error("--group-size must be positive or -1")
-    if opts.max_prompt_len < 1 or opts.min_response_len < 1:
-        ap.error("--max-prompt-len and --min-response-len must be positive")
+    if opts.max_prompt_len < 0 or opts.min_response_len < 1 or opts.max_prompt_cap < 64:
+        ap.error("--max-prompt-len and --min-response-len must be positive, --max-prompt-cap at least 64")
+    chunk = opts.prefill_chunk_size
+    if chunk < 0 or chunk & (chunk - 1):
+        ap.error("--prefill-chunk-size must be a power of two (or 0 for one static prefill)")
     try:
         ModelName.parse(opts.name)
     except ValueError as e:
@@ -366,6 +423,9 @@ def run(opts: Options, out: Any = None) -> Manifest:
         check_architecture(src.architecture, kind=src.kind)
         sha = source_sha256(src)
         progress.say(f"sha256 {sha}")
+        if opts.profile == "npu":
+            opts.max_prompt_len, how = npu_prompt_len(opts, trained_context(src))
+            progress.say(how)
     store = ModelStore(opts.store)
     work_root = store.root / "tmp"
     work_root.mkdir(parents=True, exist_ok=True)
@@ -433,15 +493,19 @@ def npu_stage(opts: Options, work: Path, manifest: Manifest, progress: Progress)
         progress.say("no NPU on this machine: the NPU pipeline runs with its partitions on the CPU "
                      "(NPUW_DEVICES=CPU)")
     where = f"NPUW_DEVICES={opts.npuw_devices}" if opts.npuw_devices else "the NPU"
+    prefill = (f"prefill in chunks of {opts.prefill_chunk_size}" if opts.prefill_chunk_size
+               else "one static prefill")
     with progress.stage(f"compiling the static NPU model ({where}, MAX_PROMPT_LEN={opts.max_prompt_len}, "
-                        f"MIN_RESPONSE_LEN={opts.min_response_len}) and exporting the blob"):
+                        f"MIN_RESPONSE_LEN={opts.min_response_len}, {prefill}) and exporting the blob"):
         seconds = compile_npu(work, opts)
         progress.say(f"first load {seconds:.1f}s (compile + blob export), blob "
                      f"{(work / 'npu.blob').stat().st_size / 1e6:.1f} MB")
     manifest.extra.update(
         max_prompt_len=opts.max_prompt_len, min_response_len=opts.min_response_len,
+        prefill_chunk_size=opts.prefill_chunk_size,
         npu_blob="npu.blob", npu_first_load_s=round(seconds, 2),
         npu_blob_config={"max_prompt_len": opts.max_prompt_len, "min_response_len": opts.min_response_len,
+                         "prefill_chunk_size": opts.prefill_chunk_size,
                          "npuw_devices": opts.npuw_devices, "openvino": ov.__version__})
     if opts.npuw_devices:
         manifest.extra["npuw_devices"] = opts.npuw_devices

@@ -61,15 +61,23 @@ class ContextOverflow(BadRequest):
     code = "context_length_exceeded"
 
     def __init__(self, prompt_tokens: int, window: int, trained: int, *, asked: int | None = None,
-                 param: str = "messages", why: str | None = None, exact: bool = True) -> None:
+                 param: str = "messages", why: str | None = None, exact: bool = True,
+                 compiled: str | None = None) -> None:
+        """``compiled``: the window is a compiled limit (the NPU's MAX_PROMPT_LEN), and this
+        is the command that recompiles the model for the prompt, or "" if none can."""
         self.prompt_tokens, self.window, self.trained, self.asked = prompt_tokens, window, trained, asked
         self.param = param
         # A prompt whose size alone shows it cannot fit is not tokenized (server/inference.py
         # _count): its count is a lower bound.
         size = self.size = "" if exact else "at least "
-        self.numbers = (f"the prompt is {size}{prompt_tokens} tokens, the context window {window} tokens (num_ctx), "
+        limit = "num_ctx" if compiled is None else "MAX_PROMPT_LEN, compiled for the NPU"
+        self.numbers = (f"the prompt is {size}{prompt_tokens} tokens, the context window {window} tokens ({limit}), "
                         f"the model's trained maximum {trained} tokens")
-        if asked and trained and asked > trained:
+        if compiled:
+            self.advice = f"recompile the model for longer prompts ({compiled}) or shorten the {param}"
+        elif compiled is not None:
+            self.advice = f"no recompile can take this prompt within the trained maximum: shorten the {param}"
+        elif asked and trained and asked > trained:
             self.advice = (f"the request asked for num_ctx {asked}, more than the model was trained for, so "
                            f"{window} is the most it gets: shorten the {param}")
         elif window < trained and why:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import BackendError, Chunk, FinishReason, GenerationRequest, Usage
+from backends.openvino.request import npu_prompt_size
 from backends.store import Manifest, ModelStore
 from server import fim
 from server import prompt as templates
@@ -301,7 +302,12 @@ class Service:
             raise BadRequest("the prompt is empty after templating")
         inf, dropped = p.inference, 0
         truncate = inf.truncate if inf.truncate is not None else p.policy.context_overflow == "truncate"
-        while n >= ctx and truncate and inf.messages:
+        limit = int(runner.info.get("max_prompt_len") or 0)  # the NPU's compiled prompt limit
+
+        def over(k: int) -> bool:
+            return k >= ctx or bool(limit and k > limit)
+
+        while over(n) and truncate and inf.messages:
             turns = [i for i, m in enumerate(inf.messages) if m.get("role") != "system"]
             if len(turns) <= 1:
                 break
@@ -313,17 +319,15 @@ class Service:
             p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
             log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
             trace["prompt_tokens"] = n
+        param = "messages" if inf.messages is not None else "prompt"
+        if limit and n > limit:
+            raise ContextOverflow(n, limit, trained, exact=exact, param=param,
+                                  compiled=npu_recompile_command(runner, n))
         if n >= ctx:
             raise ContextOverflow(n, ctx, trained, asked=asked, why=why, exact=exact,
-                                  param="messages" if inf.messages is not None else "prompt")
+                                  param=param)
         if p.request.constrained:
             await runner.backend.validate(p.request)
-        limit = runner.info.get("max_prompt_len")
-        if limit and n > limit:
-            raise BadRequest(f"the prompt is {n} tokens; this model was compiled with MAX_PROMPT_LEN={limit}. "
-                             f"Recompile it with a larger limit: kiln compile "
-                             f"{runner.manifest.source.split(':', 1)[-1] or 'SOURCE'} --name {runner.manifest.name}"
-                             f" --profile npu --max-prompt-len {n}")
         return n
 
     @staticmethod
@@ -491,6 +495,20 @@ class _Run:
         rest = Chunk(text=content, thinking=thinking) if content or thinking else None
         return rest, Result(self.finish_reason, u, time.monotonic_ns() - self.t0, load_ns, self.detail, calls,
                             "".join(self.thinking))
+
+
+def npu_recompile_command(runner: Runner, n_tokens: int) -> str:
+    """The ``kiln compile`` that gives an NPU model room for a prompt of ``n_tokens``
+    (rounded as OpenVINO's NPU wrapper rounds it), or "" when
+    the model's trained context cannot hold it."""
+    m, info = runner.manifest, runner.info
+    need = npu_prompt_size(n_tokens, m.extra.get("prefill_chunk_size"))
+    response = int(info.get("min_response_len") or m.extra.get("min_response_len") or 0)
+    if m.context_length and need + response > m.context_length:
+        return ""
+    source = m.extra.get("source") or m.source.split(":", 1)[-1] or "SOURCE"
+    devices = f" --npuw-devices {m.extra['npuw_devices']}" if m.extra.get("npuw_devices") else ""
+    return f"kiln compile {source} --name {m.name} --profile npu --max-prompt-len {need}{devices}"
 
 
 def capabilities(m: Manifest) -> list[str]:

@@ -35,6 +35,10 @@ Stop strings are matched here, on the decoded text, so none is ever returned.
 ``max_prompt_len`` (int, 1024), ``min_response_len`` (int, 128)
     The NPU's static shapes (``MAX_PROMPT_LEN``/``MIN_RESPONSE_LEN``). The NPU's KV
     cache holds their sum; a longer prompt is refused (``check_prompt``).
+``prefill_chunk_size`` (int)
+    The NPU's chunked prefill (``PREFILL_HINT=DYNAMIC``, ``NPUW_LLM_PREFILL_CHUNK_SIZE``):
+    a long prompt goes through the static prefill model this many tokens at a time; 0
+    is one static prefill of ``MAX_PROMPT_LEN`` (``STATIC``); unset, OpenVINO's default.
 ``npuw_devices`` (str)
     ``NPUW_DEVICES``: where OpenVINO's NPU wrapper runs its partitions. ``"CPU"``
     runs the whole NPU pipeline on the CPU (tests, machines without an NPU).
@@ -43,7 +47,7 @@ Stop strings are matched here, on the decoded text, so none is ever returned.
 ``npu_blob`` (str), ``npu_blob_config`` (dict)
     The NPU model compiled ahead of time by ``kiln compile --profile npu`` (a path
     relative to the IR directory, imported with ``WEIGHTS_PATH``), and the settings it
-    was compiled with (``max_prompt_len``, ``min_response_len``, ``npuw_devices``). A
+    was compiled with (``max_prompt_len``, ``min_response_len``, ``prefill_chunk_size``, ``npuw_devices``). A
     blob whose settings differ from the ones in force, or that fails to import (say,
     after an OpenVINO upgrade), is skipped and the model is compiled afresh.
 ``source`` (str)

@@ -21,7 +21,7 @@ from backends.base import (
     ModelSpec,
 )
 from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN,
-                                      _Request, short_error)
+                                      _Request, npu_prefill_properties, npu_prompt_size, short_error)
 from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 
 log = logging.getLogger("kiln.openvino")
@@ -55,6 +55,8 @@ class OpenVINOEngine(Engine):
         self.max_prompt_len = int(extra.get("max_prompt_len") or DEFAULT_MAX_PROMPT_LEN)
         self.min_response_len = int(extra.get("min_response_len") or DEFAULT_MIN_RESPONSE_LEN)
         self.npuw_devices = extra.get("npuw_devices") or None
+        chunk = extra.get("prefill_chunk_size")
+        self.prefill_chunk = None if chunk is None else int(chunk)  # None: OpenVINO's default
         self.devices = [d.strip() for d in (spec.devices or DEFAULT_DEVICES) if d.strip()]
         self.fallbacks: list[dict[str, str]] = []
         self.device: str | None = None
@@ -144,6 +146,7 @@ class OpenVINOEngine(Engine):
         extra = self.spec.extra or {}
         props = self._properties(device)
         props.update(MAX_PROMPT_LEN=self.max_prompt_len, MIN_RESPONSE_LEN=self.min_response_len)
+        props.update(npu_prefill_properties(self.prefill_chunk))
         if self.npuw_devices:
             props["NPUW_DEVICES"] = self.npuw_devices
         if extra.get("npuw_online_pipeline"):
@@ -184,7 +187,7 @@ class OpenVINOEngine(Engine):
             return None, "blob missing; "
         built = extra.get("npu_blob_config") or {}
         wanted = {"max_prompt_len": self.max_prompt_len, "min_response_len": self.min_response_len,
-                  "npuw_devices": self.npuw_devices}
+                  "npuw_devices": self.npuw_devices, "prefill_chunk_size": self.prefill_chunk}
         differ = sorted(k for k, v in wanted.items() if built.get(k) != v)
         if differ:
             return None, f"blob built for other {', '.join(differ)}; "
@@ -237,7 +240,7 @@ class OpenVINOEngine(Engine):
 
     def _too_long(self, n: int) -> str:
         source = (self.spec.extra or {}).get("source") or "SOURCE"
-        suggest = -(-n // 1024) * 1024
+        suggest = npu_prompt_size(n, self.prefill_chunk)
         return (f"the prompt is {n} tokens; this model was compiled for the NPU with "
                 f"MAX_PROMPT_LEN={self.max_prompt_len}. Recompile with a larger limit: "
                 f"kiln compile {source} --name {self.spec.name} --profile npu --max-prompt-len {suggest}")
@@ -297,7 +300,9 @@ class OpenVINOEngine(Engine):
         }
         if self.pipeline == "npu_static":
             d.update(max_prompt_len=self.max_prompt_len, min_response_len=self.min_response_len,
-                     num_ctx=self.max_prompt_len + self.min_response_len, num_parallel=1)
+                     num_ctx=self.max_prompt_len + self.min_response_len, num_parallel=1,
+                     prefill=(f"chunks of {self.prefill_chunk}" if self.prefill_chunk
+                              else "static" if self.prefill_chunk == 0 else "openvino default"))
             if self.npuw_devices:
                 d["npuw_devices"] = self.npuw_devices
         elif isinstance(self._runner, _ContinuousBatching):

@@ -13,6 +13,27 @@ DEFAULT_MAX_PROMPT_LEN = 1024
 DEFAULT_MIN_RESPONSE_LEN = 128
 
 
+def npu_prompt_size(n: int, chunk: int | None) -> int:
+    """The MAX_PROMPT_LEN OpenVINO's NPU wrapper really compiles for ``n``: rounded up to 64,
+    then, when that is more than one prefill chunk, up to whole chunks (a prompt limit of
+    one chunk or less is prefilled statically)."""
+    n = -(-n // 64) * 64
+    if chunk and chunk < n:
+        n = -(-n // chunk) * chunk
+    return n
+
+
+def npu_prefill_properties(chunk: int | None) -> dict[str, object]:
+    """The NPU pipeline's prefill: in chunks of ``chunk`` tokens (a power of two;
+    OpenVINO's NPU wrapper then rounds MAX_PROMPT_LEN up to whole chunks), or with 0 the
+    whole prompt in one static graph of MAX_PROMPT_LEN. None: OpenVINO's default."""
+    if chunk is None:
+        return {}
+    if chunk == 0:
+        return {"PREFILL_HINT": "STATIC"}
+    return {"PREFILL_HINT": "DYNAMIC", "NPUW_LLM_PREFILL_CHUNK_SIZE": chunk}
+
+
 def short_error(e: BaseException, limit: int = 400) -> str:
     """OpenVINO errors carry a chain of "Exception from <file>:<line>:" lines; keep
     the lines that say what went wrong."""

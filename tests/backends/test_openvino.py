@@ -92,7 +92,8 @@ def gguf_cb(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``kiln compile`` the bundled GGUF once: int4 (symmetric, for the NPU profile),
-    static lengths 256/64, NPUW on the CPU; the IR also serves the CPU tests."""
+    static lengths 256/64, prefill in chunks of 128, NPUW on the CPU; the IR also serves the
+    CPU tests."""
     if importlib.util.find_spec("optimum") is None:
         pytest.skip("the compile extra is not installed")
     from compile.openvino import main
@@ -100,7 +101,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store = tmp_path_factory.mktemp("store")
     t = time.monotonic()
     rc = main([str(GGUF), "--name", "smollm2-npu:135m", "--profile", "npu", "--weight-format", "int4",
-               "--max-prompt-len", "256", "--min-response-len", "64", "--npuw-devices", "CPU",
+               "--max-prompt-len", "256", "--min-response-len", "64", "--prefill-chunk-size", "128",
+               "--npuw-devices", "CPU",
                "--store", str(store)])
     assert rc == 0
     m = ModelStore(store).get("smollm2-npu:135m")
@@ -314,6 +316,20 @@ def test_npu_static_pipeline_streams(npu: InProcessBackend) -> None:
     assert last.finish_reason == FinishReason.STOP
     text, last, chunks = run(npu, req(chat("Write a long story about a dragon."), max_tokens=6))
     assert last.finish_reason == FinishReason.LENGTH and last.usage.completion_tokens == 6
+
+
+@needs_compile
+def test_npu_chunked_prefill_answers_a_prompt_of_several_chunks(npu: InProcessBackend) -> None:
+    # The agent-sized case in small: a prompt longer than the static prefill graph goes
+    # through it chunk by chunk (PREFILL_HINT=DYNAMIC), and the answer follows all of it.
+    assert npu.engine.info()["prefill"] == "chunks of 128"
+    prompt = ", ".join(str(i) for i in range(1, 60)) + ","
+    n = len(npu.engine.tokenize(prompt))
+    assert 128 < n <= 256
+    text, last, chunks = run(npu, req(prompt, max_tokens=8))
+    check_final(chunks)
+    assert text.strip().startswith("60, 61"), text
+    assert last.usage.prompt_tokens == n
 
 
 @needs_compile

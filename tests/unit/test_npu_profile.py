@@ -1,0 +1,66 @@
+"""``kiln compile --profile npu``: the static prompt limit sized from the model's trained
+context, chunked prefill, and what the settings refuse (no model needed; the real NPUW-on-CPU
+compile and run are in tests/backends/test_openvino.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.openvino.request import npu_prefill_properties
+from compile.openvino import NPU_PREFILL_CHUNK, NPU_PROMPT_CAP, Options, npu_prompt_len, npu_properties, parse_args
+from compile.source import CompileError
+
+
+def npu(*args: str) -> Options:
+    return parse_args(["model.gguf", "--name", "m:1", "--profile", "npu", *args])
+
+
+def test_defaults_size_the_prompt_for_agents_from_the_trained_context():
+    o = npu()
+    assert (o.max_prompt_len, o.max_prompt_cap, o.prefill_chunk_size) == (0, NPU_PROMPT_CAP, NPU_PREFILL_CHUNK)
+    # Gemma 3 270M, 32,768 trained: capped at 16K, whole chunks
+    n, how = npu_prompt_len(o, 32768)
+    assert n == 16384 and "capped at 16384" in how
+    # SmolLM2, 8,192 trained: 8192 - 128 response tokens, down to whole 1024-token chunks
+    n, how = npu_prompt_len(o, 8192)
+    assert n == 7168 and "trained context 8192" in how
+    # a 13K agent prompt fits the default on a 32K model; a model trained for less than a
+    # chunk gets a static prefill of what it has (NPUW does not chunk a prompt of one chunk)
+    assert npu_prompt_len(o, 32768)[0] > 13_256
+    assert npu_prompt_len(o, 1024)[0] == 896
+    assert npu_prompt_len(o, 0)[0] == NPU_PROMPT_CAP  # no trained context named: the cap
+
+
+def test_the_cap_and_the_limit_are_settable():
+    assert npu_prompt_len(npu("--max-prompt-cap", "8192"), 32768)[0] == 8192
+    # explicit: kept, rounded up to whole chunks as OpenVINO's NPU wrapper rounds it
+    n, how = npu_prompt_len(npu("--max-prompt-len", "14000"), 32768)
+    assert n == 14336 and "rounded up" in how
+    assert npu_prompt_len(npu("--max-prompt-len", "4096"), 32768)[0] == 4096
+    # one chunk or less is prefilled statically: only rounded to 64
+    assert npu_prompt_len(npu("--max-prompt-len", "256"), 32768)[0] == 256
+    assert npu_prompt_len(npu("--max-prompt-len", "1000"), 32768)[0] == 1024
+    # without chunks NPUW rounds to 64
+    assert npu_prompt_len(npu("--max-prompt-len", "1000", "--prefill-chunk-size", "0"), 32768)[0] == 1024
+    assert npu_prompt_len(npu("--max-prompt-len", "100", "--prefill-chunk-size", "0"), 32768)[0] == 128
+
+
+def test_a_limit_past_the_trained_context_is_refused():
+    with pytest.raises(CompileError, match="more than the 8192 tokens the model was trained for"):
+        npu_prompt_len(npu("--max-prompt-len", "8192"), 8192)
+
+
+@pytest.mark.parametrize("bad", [["--prefill-chunk-size", "1000"], ["--prefill-chunk-size", "-2"],
+                                 ["--max-prompt-len", "-1"], ["--max-prompt-cap", "10"]])
+def test_bad_settings_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        npu(*bad)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_properties_ask_for_chunked_prefill():
+    o = npu("--max-prompt-len", "14336", "--npuw-devices", "CPU")
+    assert npu_properties(o) == {"MAX_PROMPT_LEN": 14336, "MIN_RESPONSE_LEN": 128, "PREFILL_HINT": "DYNAMIC",
+                                 "NPUW_LLM_PREFILL_CHUNK_SIZE": 1024, "NPUW_DEVICES": "CPU"}
+    assert npu_prefill_properties(0) == {"PREFILL_HINT": "STATIC"}
+    assert npu_prefill_properties(None) == {}  # a manifest from before: OpenVINO's default
