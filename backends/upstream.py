@@ -130,6 +130,7 @@ class Replica:
         self.served: set[str] | None = None  # keys of the upstream ids it lists; None = not known (yet)
         self.ids: dict[str, str] = {}  # key -> the upstream's own spelling of the id
         self.loaded: set[str] = set()
+        self.tags: dict[str, dict[str, Any]] = {}  # Ollama/kiln: key -> its /api/tags entry, as it sent it
         self.oks = self.fails = 0
         self.error = ""
 
@@ -184,6 +185,7 @@ class Upstream:
 class UpstreamPool:
     def __init__(self, configs: list[UpstreamConfig]) -> None:
         self.upstreams = [Upstream(c) for c in configs]
+        self.active: dict[str, int] = {}  # key -> requests in flight through this gateway (/api/ps)
         # httpx logs every request at INFO; per generation that doubles kiln's own access line.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self._task: asyncio.Task[None] | None = None
@@ -231,6 +233,36 @@ class UpstreamPool:
         return {"location": "upstream", "upstream": u.config.name, "api": u.config.api, "upstream_model": mid,
                 "replicas": [r.base for r in reps], "replicas_up": sum(r.up for r in reps),
                 "loaded_on": [r.base for r in reps if key(mid) in r.loaded]}
+
+    def native(self, name: str) -> tuple[Upstream, str, list[Replica]] | None:
+        """For a model of an Ollama/kiln upstream (the API that has show, ps, copy, delete
+        and load): the upstream, the model's id there and the replicas up that serve it,
+        those that have it loaded first. None for an OpenAI upstream or an unknown name."""
+        u = self.find(name)
+        if u is None or u.config.api != "ollama":
+            return None
+        mid = u.model_id(name) or name
+        reps = [r for r in u.replicas if r.up and r.serves(mid)]
+        return u, mid, sorted(reps, key=lambda r: key(mid) not in r.loaded)
+
+    async def call(self, r: Replica, method: str, path: str, body: dict[str, Any] | None = None,
+                   timeout: float = 5.0) -> httpx.Response:
+        """One management request to a replica (``path`` under its base URL). A transport
+        failure takes the replica out, as a failed generation does."""
+        c = r.upstream.config
+        try:
+            return await r.upstream.client.request(method, r.base + path, json=body,
+                                                   timeout=httpx.Timeout(timeout, connect=c.connect_timeout))
+        except httpx.HTTPError as e:
+            r.mark_down(f"{path}: {type(e).__name__}: {e}")
+            raise UpstreamUnavailable(f"upstream {c.name} ({r.base}): {type(e).__name__}: {e}") from None
+
+    async def refresh(self, u: Upstream) -> None:
+        """Re-reads the model lists of an upstream's replicas now (after a copy, delete or
+        load there), instead of at the next probe."""
+        timeout = httpx.Timeout(5.0, connect=u.config.connect_timeout)
+        await asyncio.gather(*(self._discover(r, timeout) for r in u.replicas if r.up))
+        u.discovered()
 
     def status(self) -> dict[str, Any]:
         return {u.config.name: {"api": u.config.api, "up": sum(r.up for r in u.replicas),
@@ -282,7 +314,9 @@ class UpstreamPool:
                 ps = await client.get(r.base + "/api/ps", timeout=timeout)
                 if tags.status_code != 200:
                     return False, f"/api/tags: HTTP {tags.status_code}"
-                ids = [m.get("name") or m.get("model") for m in tags.json().get("models") or []]
+                entries = [m for m in tags.json().get("models") or [] if isinstance(m, dict)]
+                ids = [m.get("name") or m.get("model") for m in entries]
+                r.tags = {key(i): m for i, m in zip(ids, entries) if isinstance(i, str)}
                 loaded = [m.get("name") or m.get("model") for m in ps.json().get("models") or []] \
                     if ps.status_code == 200 else []
             else:
@@ -334,6 +368,16 @@ class UpstreamPool:
         model_id = u.model_id(name) or name
         ureq = req if isinstance(req, UpstreamRequest) else UpstreamRequest(
             prompt=req.prompt, sampling=req.sampling, id=req.id, messages=req.messages, raw=req.messages is None)
+        k = key(name)
+        self.active[k] = self.active.get(k, 0) + 1
+        try:  # aclosing: a client that goes away closes the upstream request now, not when collected
+            async with contextlib.aclosing(self._route(u, model_id, ureq)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.active[k] -= 1
+
+    async def _route(self, u: Upstream, model_id: str, ureq: UpstreamRequest) -> AsyncIterator[Chunk]:
         tried: set[int] = set()
         last = ""
         while True:
@@ -349,12 +393,14 @@ class UpstreamPool:
             sent = False
             try:
                 held: list[Chunk] = []
-                async for chunk in self._once(r, model_id, ureq):
-                    if ureq.whole:
-                        held.append(chunk)
-                    else:
-                        sent = True
-                        yield chunk
+                async with contextlib.aclosing(self._once(r, model_id, ureq)) as chunks:
+                    async for chunk in chunks:
+                        if ureq.whole:
+                            held.append(chunk)
+                        else:
+                            sent = True
+                            yield chunk
+                r.loaded.add(key(model_id))  # it has just generated with it
                 for chunk in held:
                     yield chunk
                 return

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's own llama-server from the llama.cpp sources vendored in the
-# llama-cpp-python sdist kiln already pins, so the bench compares kiln with the very
-# same llama.cpp revision. Everything goes to a cache outside the repo (never commit
-# a binary or an sdist); a second run finds the binary and does nothing.
+# Builds llama.cpp's own llama-server (and its RPC server, ggml-rpc-server, beside it
+# in the same bin/) from the llama.cpp sources vendored in the llama-cpp-python sdist
+# kiln already pins, so the bench compares kiln with the very same llama.cpp revision
+# and tests/upstream can split a model over RPC servers (U17). Everything goes to a
+# cache outside the repo (never commit a binary or an sdist); a second run finds the
+# binaries and does nothing.
 #
 #   bench/build_llama_server.sh            # prints the path of llama-server
 #   KILN_BENCH_CACHE=/tmp/kb bench/build_llama_server.sh
@@ -18,8 +20,9 @@ JOBS="${JOBS:-2}"
 SRC="$CACHE/llama_cpp_python-$VERSION"  # the sdist's top directory
 BUILD="$CACHE/build-llama-server-$VERSION"
 BIN="$BUILD/bin/llama-server"
+RPC="$BUILD/bin/ggml-rpc-server"
 
-if [[ -x "$BIN" ]]; then
+if [[ -x "$BIN" && -x "$RPC" ]]; then
     echo "$BIN"
     exit 0
 fi
@@ -35,7 +38,9 @@ fi
 # GGML_NATIVE: the same -march=native as the llama-cpp-python wheel pip built here,
 # so both sides use the same SIMD kernels. This llama.cpp no longer uses libcurl
 # (LLAMA_CURL is a deprecated no-op); LLAMA_OPENSSL=OFF drops the HTTPS client it
-# would use to download models, which the bench never does. Only the server target.
+# would use to download models, which the bench never does. GGML_RPC adds the RPC
+# backend (llama-server --rpc) and the RPC server; a model not split over RPC runs as
+# without it. Only these two targets.
 GENERATOR=()
 command -v ninja >/dev/null && GENERATOR=(-G Ninja)
 cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" "${GENERATOR[@]}" \
@@ -46,6 +51,7 @@ cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" "${GENERATOR[@]}" \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
     -DGGML_CCACHE=OFF \
+    -DGGML_RPC=ON \
     -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$BUILD" --target llama-server -j "$JOBS" >&2
+cmake --build "$BUILD" --target llama-server ggml-rpc-server -j "$JOBS" >&2
 echo "$BIN"

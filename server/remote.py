@@ -15,20 +15,33 @@ that fails before its first token costs the client nothing but time.
 A model an upstream serves shadows a local model of the same name: the administrator
 configured the upstream to serve it (a front node of a fleet has the bundled model
 too), and listing one name twice would be ambiguous.
+
+Model management over an Ollama/kiln upstream (``api = "ollama"``) is that node's own:
+``/api/show`` and ``/api/ps`` answer with what the node says (its template, model_info,
+digest, expiry), with kiln's ``kiln`` field saying where the model runs; a load, an
+unload (``keep_alive: 0``), ``/api/copy`` and ``/api/delete`` are sent on to the
+replicas. Copy and delete change every replica that serves the model, so they are
+refused while one of them is down (a fleet half-copied is worse than an error), and
+for an upstream whose models the config file names (the names are the config's). An
+OpenAI upstream has none of these APIs: its models are shown from what kiln knows,
+load and unload are answered without being sent, copy and delete refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
+
 from backends.base import Chunk
 from backends.store import Manifest
-from backends.upstream import UpstreamBackend, UpstreamPool, UpstreamUnavailable
+from backends.upstream import Replica, Upstream, UpstreamBackend, UpstreamPool, UpstreamUnavailable, key
 from backends.upstream_wire import UpstreamRequest
-from server.errors import BadRequest, Unavailable
+from server.errors import BadRequest, KilnError, Unavailable
 from server.inference import Embedded, Inference, Prepared, Ready, Service, _Run
 from server.options import resolve
 from server.policy import apply, merge
@@ -56,9 +69,12 @@ def manifest(service: Service, name: str) -> Manifest:
 
 
 def _key(name: str) -> str:
-    from backends.upstream import key
-
     return key(name)
+
+
+def _keep_alive(keep: float | None) -> float | None:
+    """kiln's keep_alive (seconds, ``inf`` for forever) as Ollama takes it (-1 for forever)."""
+    return -1 if keep is not None and math.isinf(keep) else keep
 
 
 def affinity(inf: Inference) -> str | None:
@@ -95,14 +111,13 @@ def _request(service: Service, inf: Inference) -> Prepared:
             options[name] = value
             notes.append(f"{name}={value} ({inf.fallback_from})")
     fns, forced = Service._tools(inf, policy)
-    keep = inf.keep_alive
     req = UpstreamRequest(
         prompt=inf.prompt or "", sampling=resolve({}, options).sampling, messages=inf.messages,
         tools=inf.tools if fns else None, format=inf.format,
         # the policy's choice too ("required-then-auto" forces a call on a new question)
         tool_choice=(inf.tool_choice if inf.tool_choice is not None else "required" if forced else None) if fns
         else None,
-        options=options, keep_alive=(-1 if keep is not None and math.isinf(keep) else keep), think=inf.think,
+        options=options, keep_alive=_keep_alive(inf.keep_alive), think=inf.think,
         system=inf.system, suffix=inf.suffix, raw=inf.raw, whole=not getattr(inf, "stream", True),
         affinity=affinity(inf))
     if inf.format is not None:  # held to a format: the loop guard spares JSON structure (see _Run)
@@ -166,18 +181,26 @@ async def embed(service: Service, model: str, texts: list[str]) -> Embedded:
 
 # -- the one catalogue -------------------------------------------------------------------
 
-def listing(service: Service, entry: Callable[[Manifest], dict[str, Any]]) -> list[dict[str, Any]]:
+def listing(service: Service, entry: Callable[[Manifest], dict[str, Any]], native: bool = False) -> list[dict[str, Any]]:
     """``/api/tags`` and ``/v1/models``: local models, then upstream ones, each saying
-    where it runs (a ``kiln`` field, which clients ignore). Unchanged without upstreams."""
+    where it runs (a ``kiln`` field, which clients ignore). Unchanged without upstreams.
+    ``native``: Ollama's tag entries, where an Ollama/kiln node's own (size, digest,
+    details) are passed on under kiln's name."""
     local = service.store.list()
     p = pool(service)
     if p is None:
         return [entry(m) for m in local]
     out = [{**entry(m), "kiln": {"location": "local"}} for m in local if p.find(m.name) is None]
-    for name, _ in p.models():
+    for name, u in p.models():
         m = manifest(service, name)
-        out.append({**entry(m), "kiln": m.extra})
+        tag = _tag(u, u.model_id(name) or name) if native else None
+        out.append({**(tag or entry(m)), "name": name, "model": name, "kiln": m.extra} if tag
+                   else {**entry(m), "kiln": m.extra})
     return out
+
+
+def _tag(u: Upstream, model_id: str) -> dict[str, Any] | None:
+    return next((r.tags[key(model_id)] for r in u.replicas if key(model_id) in r.tags), None)
 
 
 def get(service: Service, name: str) -> Manifest:
@@ -185,8 +208,50 @@ def get(service: Service, name: str) -> Manifest:
     return manifest(service, name) if serves(service, name) else service.store.get(name)
 
 
-def show(service: Service, name: str) -> dict[str, Any]:
+class Refused(KilnError):
+    """An Ollama/kiln upstream's own error answer, passed on with its status."""
+
+    def __init__(self, u: Upstream, resp: httpx.Response) -> None:
+        try:
+            err = resp.json().get("error", resp.text)
+            message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+        except (ValueError, AttributeError):
+            message = resp.text[:500]
+        super().__init__(f"upstream {u.config.name}: {message}")
+        self.status = resp.status_code if 400 <= resp.status_code < 600 else 502
+
+
+def _native(service: Service, name: str, every: bool = False) -> tuple[UpstreamPool, Upstream, str, list[Replica]]:
+    """The pool, upstream, model id and replicas up of an Ollama/kiln upstream's model,
+    or 503 if none is up. ``every``: all replicas that serve it must be up."""
+    p = pool(service)
+    assert p is not None
+    n = p.native(name)
+    assert n is not None
+    u, mid, reps = n
+    down = [r.base for r in u.replicas if not r.up and r.serves(mid)]
+    if not reps or (every and down):
+        retry = {"Retry-After": str(max(1, math.ceil(u.config.probe_interval)))}
+        raise Unavailable(f"upstream '{u.config.name}': {', '.join(down) or 'no replica'} down for {mid}"
+                          + ("; nothing was changed" if every else ""), headers=retry)
+    return p, u, mid, reps
+
+
+def is_native(service: Service, name: str) -> bool:
+    p = pool(service)
+    return p is not None and p.native(name) is not None
+
+
+async def show(service: Service, name: str, verbose: bool = False) -> dict[str, Any]:
     m = manifest(service, name)
+    if is_native(service, name):  # the node's own answer: template, model_info, parameters, details
+        p, u, mid, reps = _native(service, name)
+        resp = await p.call(reps[0], "POST", "/api/show", {"model": mid, "verbose": verbose})
+        if resp.status_code != 200:
+            raise Refused(u, resp)
+        out = resp.json()
+        out["kiln"] = {**(out.get("kiln") or {}), **m.extra}
+        return out
     return {"modelfile": "", "parameters": "", "template": "", "license": "",
             "details": {"parent_model": "", "format": "upstream", "family": "", "families": None,
                         "parameter_size": "", "quantization_level": ""},
@@ -194,15 +259,96 @@ def show(service: Service, name: str) -> dict[str, Any]:
             "kiln": m.extra}
 
 
-def ps_entries(service: Service) -> list[dict[str, Any]]:
-    """``/api/ps``: upstream models that are loaded somewhere (Ollama/kiln report it; an
-    OpenAI server serves what it lists), with the replicas that have them."""
+async def load_or_unload(service: Service, name: str, keep_alive: float | None) -> str:
+    """Ollama's empty request: "load" on one replica (the one that has it, else the
+    first up), "unload" (``keep_alive`` 0) on every replica up. An OpenAI upstream
+    has no such API: answered, not sent."""
+    if not is_native(service, name):
+        return "unload" if keep_alive == 0 else "load"
+    p, u, mid, reps = _native(service, name)
+    body: dict[str, Any] = {"model": mid}
+    if keep_alive is not None:
+        body["keep_alive"] = _keep_alive(keep_alive)
+    targets = reps if keep_alive == 0 else reps[:1]
+    replies = await asyncio.gather(*(p.call(r, "POST", "/api/generate", body, timeout=u.config.first_token_timeout)
+                                     for r in targets))
+    await p.refresh(u)
+    for resp in replies:
+        if resp.status_code != 200:
+            raise Refused(u, resp)
+    return "unload" if keep_alive == 0 else "load"
+
+
+async def copy(service: Service, source: str, destination: str) -> None:
+    """``/api/copy`` of an upstream model: the copy is made on every replica that has it."""
+    _managed(service, source, "copied")
+    p, u, mid, reps = _native(service, source, every=True)
+    replies = await asyncio.gather(*(p.call(r, "POST", "/api/copy", {"source": mid, "destination": destination})
+                                     for r in reps))
+    await p.refresh(u)
+    for resp in replies:
+        if resp.status_code != 200:
+            raise Refused(u, resp)
+
+
+async def delete(service: Service, name: str) -> None:
+    """``/api/delete`` of an upstream model: deleted on every replica that has it (a local
+    model of the same name, shadowed, stays)."""
+    _managed(service, name, "deleted")
+    p, u, mid, reps = _native(service, name, every=True)
+    replies = await asyncio.gather(*(p.call(r, "DELETE", "/api/delete", {"model": mid}) for r in reps))
+    await p.refresh(u)
+    for resp in replies:
+        if resp.status_code != 200:
+            raise Refused(u, resp)
+
+
+def _managed(service: Service, name: str, what: str) -> None:
+    p = pool(service)
+    assert p is not None
+    u = p.find(name)
+    assert u is not None
+    if u.config.api != "ollama":
+        raise BadRequest(f"'{name}' is served by upstream '{u.config.name}' (api = \"openai\"), "
+                         f"which has no API for models to be {what} through")
+    if u.configured is not None:
+        raise BadRequest(f"the models of upstream '{u.config.name}' are named in the config file: "
+                         f"'{name}' cannot be {what} through kiln; change it on the node and in the config")
+
+
+async def ps_entries(service: Service) -> list[dict[str, Any]]:
+    """``/api/ps``: upstream models that are loaded somewhere, each with the replicas that
+    have it and the requests this gateway has in flight for it. Ollama/kiln nodes are
+    asked now (their own entries: expiry, context, digest); an OpenAI server serves
+    what it lists."""
     p = pool(service)
     if p is None:
         return []
+    live: dict[tuple[int, str], tuple[dict[str, Any], list[str]]] = {}  # (upstream, key) -> entry, replicas
+
+    async def ask(u: Upstream, r: Replica) -> None:
+        try:
+            resp = await p.call(r, "GET", "/api/ps", timeout=2.0)
+            models = resp.json().get("models") or [] if resp.status_code == 200 else []
+        except (UpstreamUnavailable, ValueError, AttributeError):
+            return
+        for e in models:
+            mid = e.get("name") or e.get("model") if isinstance(e, dict) else None
+            if isinstance(mid, str):
+                live.setdefault((id(u), key(mid)), (e, []))[1].append(r.base)
+
+    await asyncio.gather(*(ask(u, r) for u in p.upstreams if u.config.api == "ollama" for r in u.replicas if r.up))
     out = []
-    for name, _ in p.models():
-        where = p.where(name)
+    for name, u in p.models():
+        where = {**p.where(name), "requests": p.active.get(key(name), 0)}
+        if u.config.api == "ollama":
+            found = live.get((id(u), key(u.model_id(name) or name)))
+            if found is None:
+                continue
+            entry, bases = found
+            out.append({**entry, "name": name, "model": name,
+                        "kiln": {**(entry.get("kiln") or {}), **where, "loaded_on": bases}})
+            continue
         if not where.get("loaded_on"):
             continue
         out.append({"name": name, "model": name, "size": 0, "digest": "", "expires_at": "0001-01-01T00:00:00Z",

@@ -71,8 +71,9 @@ async def _load_or_unload(request: Request, model: str, keep_alive: float | None
     """An empty prompt/messages loads the model (or with keep_alive 0 unloads it);
     Ollama answers with one JSON object, streaming asked for or not."""
     service = _service(request)
-    if remote.serves(service, model):  # the upstream loads and unloads its own models
-        return JSONResponse(translate.load_reply(model, "unload" if keep_alive == 0 else "load", chat=chat))
+    if remote.serves(service, model):  # sent on to an Ollama/kiln upstream (server/remote.py)
+        return JSONResponse(translate.load_reply(model, await remote.load_or_unload(service, model, keep_alive),
+                                                 chat=chat))
     manifest = service.store.get(model)
     if keep_alive == 0:
         await service.scheduler.unload(manifest.name)
@@ -142,7 +143,7 @@ async def embeddings(request: Request, body: EmbeddingsRequest) -> dict[str, Any
 @router.get("/api/tags")
 @router.head("/api/tags", include_in_schema=False)
 async def tags(request: Request) -> dict[str, Any]:
-    return {"models": remote.listing(_service(request), translate.tag_entry)}
+    return {"models": remote.listing(_service(request), translate.tag_entry, native=True)}
 
 
 @router.post("/api/show")
@@ -151,7 +152,7 @@ async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
         raise BadRequest("model is required")
     service = _service(request)
     if remote.serves(service, body.target):
-        return remote.show(service, body.target)
+        return await remote.show(service, body.target, verbose=bool(body.verbose))
     out = models.show(service.store, body.target, verbose=bool(body.verbose))
     runner = service.scheduler.runners.get(ModelName.parse(body.target).display.lower())
     if runner is not None and runner.info.get("fallbacks"):
@@ -181,14 +182,18 @@ async def ps(request: Request) -> dict[str, Any]:
         entry["kiln"] = {**_public_info(r.info), "backend": r.manifest.backend, "requests": r.refcount,
                          "num_parallel": r.num_parallel}
         out.append(entry)
-    return {"models": out + remote.ps_entries(_service(request))}
+    return {"models": out + await remote.ps_entries(_service(request))}
 
 
 @router.post("/api/copy")
 async def copy(request: Request, body: CopyRequest) -> Response:
     if not body.source or not body.destination:
         raise BadRequest("source and destination are required")
-    _service(request).store.copy(body.source, body.destination)
+    service = _service(request)
+    if remote.serves(service, body.source):
+        await remote.copy(service, body.source, body.destination)
+        return Response(status_code=200)
+    service.store.copy(body.source, body.destination)
     return Response(status_code=200)
 
 
@@ -197,6 +202,9 @@ async def delete(request: Request, body: ModelRequest) -> Response:
     if not body.target:
         raise BadRequest("model is required")
     service = _service(request)
+    if remote.serves(service, body.target):
+        await remote.delete(service, body.target)
+        return Response(status_code=200)
     manifest = service.store.get(body.target)
     await service.scheduler.unload(manifest.name)
     service.store.delete(body.target)

@@ -286,3 +286,26 @@ def test_dialects_over_either_kind_of_upstream(nodes, front) -> None:
     assert r.json()["response"] == "t0 t1 t2 " and r.json()["eval_count"] == 3
     sent = a.stats()["last"]
     assert sent["options"]["num_ctx"] == 2048 and sent["keep_alive"] == 420.0 and sent["prompt"] == "p"
+
+
+def test_model_management_through_upstreams(nodes, front) -> None:
+    """Copy and delete go to every replica of an Ollama/kiln upstream, so they are refused
+    while one is down (nothing changed), for an OpenAI upstream (no such API) and for
+    models the config names. The real sends are in tests/real (KILN_CONFORMANCE_BACKEND=upstream)."""
+    a, b = nodes("--models", "m1", "--tokens", "2", "--delay", "0"), nodes("--models", "m1", "--tokens", "2")
+    kiln = front([{"name": "ol", "api": "ollama", "urls": [a.origin, b.origin], **FAST},
+                  {"name": "oa", "api": "openai", "urls": [a.origin + "/v1"], "models": {"via-openai": "m1"}},
+                  {"name": "named", "api": "ollama", "urls": [a.origin], "models": {"via-named": "m1"}}])
+    for source, status in (("via-openai", 400), ("via-named", 400)):
+        r = CLIENT.post(kiln.url + "/api/copy", json={"source": source, "destination": "x:1"})
+        assert r.status_code == status and ("cannot be copied" in r.json()["error"] or "no API" in r.json()["error"])
+        r = CLIENT.request("DELETE", kiln.url + "/api/delete", json={"model": source})
+        assert r.status_code == 400
+    b.kill()
+    wait_for(lambda: httpx.get(kiln.url + "/health").json()["upstreams"]["ol"]["up"] == 1, 5.0)
+    r = CLIENT.post(kiln.url + "/api/copy", json={"source": "m1", "destination": "x:1"})
+    assert r.status_code == 503 and "nothing was changed" in r.json()["error"] and "retry-after" in r.headers
+    assert a.stats()["by_path"].get("/api/copy") is None
+    # load and unload of an OpenAI upstream's model: answered, not sent (it has no such API)
+    r = CLIENT.post(kiln.url + "/api/generate", json={"model": "via-openai", "keep_alive": 0})
+    assert r.json()["done_reason"] == "unload" and a.stats()["requests"] == 0
