@@ -29,13 +29,17 @@ class Node:
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    netns: str | None = None  # run inside this network namespace (tests/upstream/test_partition.py)
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> Node:
-        self.proc = subprocess.Popen([sys.executable, str(FAKE), "--port", str(self.port), *self.args],
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []  # ip execs the command: same pid
+        self.proc = subprocess.Popen([*inside, sys.executable, str(FAKE), "--port", str(self.port),
+                                      "--host", self.host, *self.args],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "ready" once it listens (it prints nothing before)

@@ -6,13 +6,14 @@ For routing and failure tests of kiln's upstreams; never a stand-in for a real e
 in a feature's test.
 
     python tests/upstream/fake_upstream.py --port P [--models m1,m2] [--tokens 40]
-        [--delay 0.05] [--serial] [--loading FILE] [--prefix /v1]
+        [--delay 0.05] [--serial] [--loading FILE] [--prefix /v1] [--host 127.0.0.1]
 
 Replies are ``t0 t1 ... t{n-1}`` one token per event, ``n`` = ``--tokens`` or the
 request's max_tokens/num_predict if smaller, one every ``--delay`` seconds.
 ``--serial``: one generation at a time (others wait), like an engine with one slot.
 ``--loading FILE``: /health answers 503 while FILE exists (a node still loading).
 ``GET /stats``: requests by path and model, in flight, cancelled, the last body.
+``--host``: the address to listen on (a network namespace's own, for partition tests).
 """
 
 from __future__ import annotations
@@ -194,8 +195,10 @@ async def main() -> None:
     ap.add_argument("--serial", action="store_true")
     ap.add_argument("--loading", default="")
     ap.add_argument("--prefix", default="/v1")
-    node = Node(ap.parse_args())
-    server = await asyncio.start_server(node.handle, "127.0.0.1", ap.parse_args().port)
+    ap.add_argument("--host", default="127.0.0.1")
+    args = ap.parse_args()
+    node = Node(args)
+    server = await asyncio.start_server(node.handle, args.host, args.port)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()

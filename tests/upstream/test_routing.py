@@ -31,8 +31,9 @@ def chat(url: str, model: str, content: str = "hi", stream: bool = False, system
                        timeout=timeout)
 
 
-def sse_outcome(url: str, model: str, kill_at: list[float]) -> dict[str, Any]:
-    """One streamed chat: 'complete' (finish_reason then [DONE]), or 'error' and when."""
+def sse_outcome(url: str, model: str, kill_at: list[float], started: list[float] | None = None) -> dict[str, Any]:
+    """One streamed chat: 'complete' (finish_reason then [DONE]), or 'error' and when.
+    ``started`` gets one entry when the stream's first event arrives."""
     events: list[Any] = []
     with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
                       json={"model": model, "messages": [{"role": "user", "content": "go"}], "stream": True}) as r:
@@ -40,6 +41,8 @@ def sse_outcome(url: str, model: str, kill_at: list[float]) -> dict[str, Any]:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+                if started is not None and len(events) == 1:
+                    started.append(time.monotonic())
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
     finished = [e for e in events if isinstance(e, dict) and e.get("choices") and e["choices"][0].get("finish_reason")]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
