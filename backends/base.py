@@ -125,6 +125,7 @@ class Chunk:
     usage: Usage | None = None
     detail: str | None = None  # why it finished, when that needs saying (loop guard, KV full)
     thinking: str = ""  # reasoning text; engines leave it empty, the gateway splits it out
+    stop_sequence: str | None = None  # on the last chunk: the stop string that ended the generation
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"text": self.text, "n_tokens": self.n_tokens}
@@ -134,6 +135,8 @@ class Chunk:
             d["usage"] = dataclasses.asdict(self.usage)
         if self.detail:
             d["detail"] = self.detail
+        if self.stop_sequence is not None:
+            d["stop_sequence"] = self.stop_sequence
         return d
 
     @classmethod
@@ -144,6 +147,7 @@ class Chunk:
             finish_reason=FinishReason(d["finish_reason"]) if d.get("finish_reason") else None,
             usage=Usage(**d["usage"]) if d.get("usage") else None,
             detail=d.get("detail"),
+            stop_sequence=d.get("stop_sequence"),
         )
 
 

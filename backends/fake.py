@@ -96,7 +96,7 @@ class FakeEngine(Engine):
                 if tail := matcher.flush():
                     emit(Chunk(text=tail))
             elapsed = time.monotonic_ns() - t0
-            emit(Chunk(finish_reason=finish,
+            emit(Chunk(finish_reason=finish, stop_sequence=matcher.matched,
                        usage=Usage(prompt_tokens=n_prompt, completion_tokens=n,
                                    prompt_ns=max(1, elapsed // 10), eval_ns=max(1, elapsed))))
         finally:

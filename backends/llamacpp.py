@@ -780,7 +780,7 @@ class LlamaCppEngine(Engine):
             self._active_ids.discard(s.req.id)
             self._cancels.discard(s.req.id)
         _safe_emit(s.emit, Chunk(n_tokens=s.n_unsent, finish_reason=reason, usage=usage,
-                                 detail=detail))
+                                 detail=detail, stop_sequence=s.stop.matched))
 
 
 def _safe_emit(emit: Emit, chunk: Chunk) -> None:

@@ -17,6 +17,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the stream
 
     def feed(self, text: str) -> str:
         """Returns the text that is safe to emit now; sets ``stopped`` on a match."""
@@ -25,8 +26,9 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        if hits:
+            cut, self.matched = min(hits, key=lambda h: h[0])
             self.stopped = True
             self.held = ""
             return buf[:cut]

@@ -22,6 +22,7 @@ from server.errors import KilnError, classify
 from server.inference import Service
 from server.metrics import Metrics
 from server.middleware import Gatekeeper
+from server.anthropic.routes import router as anthropic_router
 from server.ollama.routes import router as ollama_router
 from server.openai.routes import router as openai_router
 from server.ops import Lifecycle
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
     app.state.lifecycle = lifecycle
     app.include_router(ollama_router)
     app.include_router(openai_router)
+    app.include_router(anthropic_router)
     app.include_router(ops_router)
     _install_error_handlers(app)
     app.add_middleware(

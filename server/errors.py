@@ -126,11 +126,31 @@ def openai_body(status: int, message: str, *, code: str | None = None, param: st
                       "param": param, "code": code}}
 
 
-def dialect_body(exc: BaseException | None, status: int, message: str, *, openai: bool) -> dict[str, Any]:
-    """The error body for either dialect; a ``KilnError`` may word itself for OpenAI
-    clients and carry OpenAI's ``code`` and ``param``."""
-    if not openai:
+# Anthropic's Messages API (/v1/messages) has its own error shape and types.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_body(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
+def dialect(path: str) -> str:
+    """The wire dialect a path speaks, for its errors: "anthropic", "openai" or "ollama"."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai" if path == "/v1" or path.startswith("/v1/") else "ollama"
+
+
+def dialect_body(exc: BaseException | None, status: int, message: str, *, path: str) -> dict[str, Any]:
+    """The error body in the dialect of ``path``; a ``KilnError`` may word itself for
+    OpenAI clients and carry OpenAI's ``code`` and ``param``."""
+    kind = dialect(path)
+    if kind == "ollama":
         return ollama_body(message)
+    if kind == "anthropic":
+        return anthropic_body(status, message)
     if isinstance(exc, KilnError):
         return openai_body(status, exc.openai_message(), code=exc.code, param=exc.param)
     return openai_body(status, message)

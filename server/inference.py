@@ -42,6 +42,7 @@ class Ready:
     what policy changed (sent as the ``X-Kiln-Adjusted`` header)."""
 
     notes: list[str]
+    prompt_tokens: int = 0  # the prompt's tokens, counted before generating (Anthropic's message_start)
 
     def headers(self) -> dict[str, str]:
         return {"X-Kiln-Adjusted": "; ".join(self.notes)} if self.notes else {}
@@ -89,6 +90,7 @@ class Result:
     tool_calls: list[ToolCall] = field(default_factory=list)
     thinking: str = ""  # the whole reasoning text, for non-streamed replies
     context: list[int] | None = None  # token ids of prompt and answer (Inference.return_context)
+    stop_sequence: str | None = None  # the stop string that ended it (Anthropic's stop_sequence)
 
     def headers(self) -> dict[str, str]:
         """Why it stopped, for a response sent after the generation ended."""
@@ -260,7 +262,7 @@ class Service:
             n_prompt = await self._fit_context(lease.runner, p)
             if self.settings.log_content:
                 log.info("prompt %s: %r", trace.get("request_id", ""), p.request.prompt)
-            yield Ready(p.notes)
+            yield Ready(p.notes, n_prompt)
             run = _Run(self, p, trace, t0, n_prompt)
             try:
                 async for chunk in lease.runner.backend.stream(p.request):
@@ -342,6 +344,17 @@ class Service:
                 return size // per_token, False
         return len(await runner.backend.tokenize(text)), True
 
+    async def count_tokens(self, inf: Inference) -> int:
+        """The tokens of the prompt ``inf`` renders to, template and tool definitions
+        included, on the model's own tokenizer (Anthropic's /v1/messages/count_tokens)."""
+        if self.upstreams is not None and self.upstreams.find(inf.model) is not None:
+            raise BadRequest(f"{inf.model} is served by an upstream: kiln cannot count its tokens")
+        if inf.trace is not None:
+            inf.trace["model"] = inf.model
+        p = await self.prepare(inf)
+        async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
+            return len(await lease.runner.backend.tokenize(p.request.prompt))
+
     async def embed(self, model: str, texts: list[str], *, keep_alive: float | None = None,
                     options: dict[str, Any] | None = None) -> Embedded:
         """Raw (not normalised) vectors, one per text."""
@@ -386,6 +399,7 @@ class _Run:
         self.name = p.manifest.name
         self.usage = Usage(prompt_tokens=n_prompt)
         self.finish_reason, self.detail = FinishReason.STOP, None
+        self.stop_sequence: str | None = None
         config = p.policy.guard_config()
         if p.request.constrained:
             config = dataclasses.replace(config, max_ngram_repeats=0)  # see server/guard.py
@@ -422,6 +436,7 @@ class _Run:
         if chunk.finish_reason is not None and not self.done:
             self.usage = chunk.usage or self.usage
             self.finish_reason, self.detail = chunk.finish_reason, chunk.detail
+            self.stop_sequence = chunk.stop_sequence
             self.done = True
         if self.think is None and self.p.tool_stream is None and not self.done:
             return chunk  # plain text, passed on as it came
@@ -494,7 +509,7 @@ class _Run:
             raise BackendError(self.detail or "generation failed")
         rest = Chunk(text=content, thinking=thinking) if content or thinking else None
         return rest, Result(self.finish_reason, u, time.monotonic_ns() - self.t0, load_ns, self.detail, calls,
-                            "".join(self.thinking))
+                            "".join(self.thinking), stop_sequence=self.stop_sequence)
 
 
 def npu_recompile_command(runner: Runner, n_tokens: int) -> str:

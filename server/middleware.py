@@ -22,7 +22,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.store import ModelNotFound
-from server.errors import ollama_body, openai_body
+from server.errors import dialect_body
 from server.metrics import Metrics
 from server.perimeter import HostPolicy, OriginPolicy
 
@@ -54,15 +54,6 @@ def log_safe(value: Any) -> str:
     """``value`` as text with no control character left, and a backslash doubled so
     an escape cannot be forged either."""
     return escape_controls(str(value).replace("\\", "\\\\"))
-
-
-# Anthropic's Messages API (/v1/messages) has its own error shape and types.
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
-
-
-def anthropic_body(status: int, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
 
 
 def _text_field(value: Any) -> str:
@@ -223,11 +214,7 @@ class Gatekeeper:
     async def _reject(self, scope: Scope, send: Send, status: int, message: str,
                       extra: dict[str, str] | None = None, *, origin: str = "") -> None:
         path = scope.get("path", "")
-        if path.startswith("/v1/messages"):
-            body = anthropic_body(status, message)
-        else:
-            body = openai_body(status, message) if path.startswith("/v1") else ollama_body(message)
-        data = json.dumps(body).encode()
+        data = json.dumps(dialect_body(None, status, message, path=path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
         if origin:  # an allowed page may read why it was refused (the CORS layer is inside)

@@ -47,13 +47,9 @@ class JSONBodyRoute(APIRoute):
         return route
 
 
-def is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/") or request.url.path == "/v1"
-
-
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
                    exc: BaseException | None = None) -> JSONResponse:
-    body = dialect_body(exc, status, message, openai=is_openai(request))
+    body = dialect_body(exc, status, message, path=request.url.path)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

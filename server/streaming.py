@@ -43,6 +43,12 @@ def sse_event(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def sse_named(event: str, obj: Any) -> bytes:
+    """An SSE event with an ``event:`` line: Anthropic's and the Responses API's
+    clients dispatch on it."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
 def shutdown_event(request: Request) -> asyncio.Event | None:
     lifecycle = getattr(request.app.state, "lifecycle", None)
     return lifecycle.stop if lifecycle is not None else None

@@ -114,7 +114,7 @@ class _Request:
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
                       prompt_ns=max(1, first - self.t0), eval_ns=max(1, now - first))
         self.emit(Chunk(text=tail, n_tokens=self.pending, finish_reason=reason, usage=usage,
-                        detail=detail))
+                        detail=detail, stop_sequence=self.stop.matched))
 
     def fail(self, detail: str) -> None:
         self.finish(FinishReason.ERROR, detail)

@@ -42,6 +42,8 @@ BODY_ROUTES = [
     ("POST", "/v1/chat/completions", {"model": MODEL, "messages": CHAT}),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}),
     ("POST", "/v1/embeddings", {"model": MODEL, "input": "hi"}),
+    ("POST", "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": CHAT}),
+    ("POST", "/v1/messages/count_tokens", {"model": MODEL, "messages": CHAT}),
 ]
 
 

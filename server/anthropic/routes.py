@@ -1,0 +1,72 @@
+"""Anthropic's Messages API: ``/v1/messages`` and ``/v1/messages/count_tokens``, thin
+handlers over the same service as ``/api`` and the OpenAI routes. Errors on these paths
+are in Anthropic's shape (server/errors.py ``dialect``), before and inside the stream."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from backends.base import Chunk
+from server.anthropic import translate
+from server.anthropic.protocol import CountTokensRequest, MessagesRequest
+from server.inference import Inference, Ready, Result, Service
+from server.routing import JSONBodyRoute, trace
+from server.streaming import SSE, respond, sse_named, with_disconnect
+
+router = APIRouter(prefix="/v1", route_class=JSONBodyRoute)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _events(pairs: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return b"".join(sse_named(name, data) for name, data in pairs)
+
+
+async def _noting_ready(items: AsyncIterator[Any], seen: list[Ready]) -> AsyncIterator[Any]:
+    """Passes the items on, keeping the ``Ready`` (its prompt count opens the stream)."""
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if isinstance(item, Ready):
+                seen.append(item)
+            yield item
+
+
+@router.post("/messages")
+async def messages(request: Request, body: MessagesRequest) -> Response:
+    inf = translate.to_internal(body)
+    inf.trace = trace(request)
+    inf.stream = bool(body.stream)
+    s = translate.MessageStream(body.model, body.stop_sequences)
+    ready: list[Ready] = []
+    started = False
+
+    def encode(item: Any) -> bytes | None:
+        nonlocal started
+        out = b""
+        if not started:
+            started = True
+            out += _events(s.start(ready[0].prompt_tokens if ready else 0))
+        if isinstance(item, Chunk):
+            out += _events(s.content(item))
+        elif isinstance(item, Result):
+            out += _events(s.finish(item))
+        return out or None
+
+    return await respond(request, _noting_ready(_service(request).stream(inf), ready), stream=bool(body.stream),
+                         media_type=SSE, encode=encode,
+                         on_error=lambda msg: _events([translate.stream_error(500, msg)]),
+                         whole=lambda text, r: translate.message(s.id, body.model, text, r, body.stop_sequences))
+
+
+@router.post("/messages/count_tokens")
+async def count_tokens(request: Request, body: CountTokensRequest) -> Any:
+    inf: Inference = translate.to_internal(body)
+    inf.trace = trace(request)
+    n = await with_disconnect(request, _service(request).count_tokens(inf))
+    return n if isinstance(n, Response) else {"input_tokens": n}
