@@ -26,6 +26,7 @@ from server.anthropic.routes import router as anthropic_router
 from server.ollama.routes import router as ollama_router
 from server.openai.routes import router as openai_router
 from server.ops import Lifecycle
+from server.responses.routes import router as responses_router
 from server.ops import router as ops_router
 from server.perimeter import HostPolicy, OriginPolicy, origin_regex
 from server.scheduler import BackendFactory, Scheduler
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
     app.include_router(ollama_router)
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    app.include_router(responses_router)
     app.include_router(ops_router)
     _install_error_handlers(app)
     app.add_middleware(

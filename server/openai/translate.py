@@ -49,7 +49,7 @@ def _num_ctx(req: ChatCompletionRequest | CompletionRequest, header: str | None)
     return None
 
 
-def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+def sampling_options(req: Any, max_tokens: int | None,
              num_ctx_header: str | None = None) -> dict[str, Any]:
     """OpenAI sampling fields as Ollama options, over an Ollama ``options`` object
     when the body has one (a kiln extension, for ``num_ctx`` and the like)."""
@@ -168,7 +168,7 @@ def chat_to_internal(req: ChatCompletionRequest, num_ctx_header: str | None = No
     if req.reasoning_effort:
         think = {"minimal": False, "none": False}.get(req.reasoning_effort, req.reasoning_effort)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return Inference(model=req.model, messages=messages, options=_options(req, max_tokens, num_ctx_header),
+    return Inference(model=req.model, messages=messages, options=sampling_options(req, max_tokens, num_ctx_header),
                      format=response_format(req.response_format), tools=req.tools or None,
                      tool_choice=req.tool_choice,
                      think=think, images=images or None, fallback=dict(OPENAI_DEFAULTS),
@@ -190,7 +190,7 @@ def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = 
     if req.logprobs:
         raise BadRequest("logprobs is not supported")
     return Inference(model=req.model, prompt=prompt or "", raw=True, suffix=req.suffix,
-                     options=_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
+                     options=sampling_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
                      fallback_from="OpenAI's default")
 
 

@@ -44,6 +44,7 @@ BODY_ROUTES = [
     ("POST", "/v1/embeddings", {"model": MODEL, "input": "hi"}),
     ("POST", "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": CHAT}),
     ("POST", "/v1/messages/count_tokens", {"model": MODEL, "messages": CHAT}),
+    ("POST", "/v1/responses", {"model": MODEL, "input": "hi"}),
 ]
 
 
