@@ -157,9 +157,17 @@ class Embeddings:
     prompt_tokens: int
 
 
+# KV cache element types (KILN_KV_CACHE_TYPE, Ollama's OLLAMA_KV_CACHE_TYPE) and the bytes
+# one value takes: llama.cpp's f16, q8_0 (34 bytes a block of 32), q4_0 (18 bytes).
+KV_CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
 @dataclass
 class ModelSpec:
-    """Everything an engine needs to load one model."""
+    """Everything an engine needs to load one model.
+
+    ``extra["kv_cache_type"]``: a ``KV_CACHE_TYPES`` key; unset, the engine's default
+    (llama.cpp f16; OpenVINO its own, u8 on the CPU)."""
 
     name: str
     path: str  # a .gguf file or an OpenVINO IR directory

@@ -29,7 +29,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
-from backends.base import (BackendError, Capabilities, Chunk, Emit, Embeddings, Engine,
+from backends.base import (KV_CACHE_TYPES, BackendError, Capabilities, Chunk, Emit, Embeddings, Engine,
                            FinishReason, GenerationRequest, InvalidRequest, ModelSpec, SamplingParams,
                            Usage)
 from backends.cpus import physical_cores
@@ -105,6 +105,7 @@ class _Entry:
 # dense with them took quadratic time (1.3 MB: 117 s, holding the engine thread); in
 # pieces the work is linear, it stops once past the context, and a cancel stops it.
 _PIECE_CHARS = 16 << 10
+_GGML_KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
 _SPECIAL = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED | L.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
@@ -290,10 +291,18 @@ class LlamaCppEngine(Engine):
         self.n_embd_out = L.llama_model_n_embd_out(self.model)  # size of a pooled embedding
         cp = self._context_params(num_ctx * n_par, self.n_batch, n_par)
         cp.kv_unified = False  # each sequence gets its own n_ctx/n_seq_max cells
+        self.kv_type = str((spec.extra or {}).get("kv_cache_type") or "f16")
+        if self.kv_type not in _GGML_KV_TYPES:
+            L.llama_model_free(self.model)
+            raise BackendError(f"unknown kv_cache_type {self.kv_type!r} ({', '.join(_GGML_KV_TYPES)})")
+        cp.type_k = cp.type_v = _GGML_KV_TYPES[self.kv_type]
+        if self.kv_type != "f16":  # llama.cpp keeps a quantized V cache only with flash attention
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
-            raise BackendError(f"llama.cpp could not create a context (num_ctx={num_ctx})")
+            raise BackendError(f"llama.cpp could not create a context (num_ctx={num_ctx}, "
+                               f"KV cache {self.kv_type})")
         self.mem = L.llama_get_memory(self.ctx)
         # llama.cpp may round n_ctx up; never give a sequence more than was asked.
         self.n_ctx_seq = min(L.llama_n_ctx_seq(self.ctx), num_ctx)
@@ -317,6 +326,7 @@ class LlamaCppEngine(Engine):
                               generated_tokens_total=0, decode_calls=0)
         self._emb_lock = threading.Lock()  # embed() runs on other threads than the engine's
         self._emb_ctx: Any = None
+        self._emb_n = 0  # the embedding context's size
         self._emb_batch: Any = None
         self._thread = threading.Thread(target=self._run, name=f"llamacpp-{spec.name}",
                                         daemon=True)
@@ -330,12 +340,12 @@ class LlamaCppEngine(Engine):
         return cp
 
     def _kv_bytes(self, gguf: Any, n_ctx: int) -> int:
-        # f16 K and V per layer: n_head_kv * head_dim values each, per cell.
+        # K and V per layer: n_head_kv * head_dim values each, per cell, in the cache's type.
         n_head = max(1, L.llama_model_n_head(self.model))
         n_kv = L.llama_model_n_head_kv(self.model) or n_head
         k_dim = int(gguf.arch_value("attention.key_length", self.n_embd // n_head))
         v_dim = int(gguf.arch_value("attention.value_length", k_dim))
-        return L.llama_model_n_layer(self.model) * n_ctx * n_kv * (k_dim + v_dim) * 2
+        return int(L.llama_model_n_layer(self.model) * n_ctx * n_kv * (k_dim + v_dim) * KV_CACHE_TYPES[self.kv_type])
 
     # --- public API (any thread) ---------------------------------------------
 
@@ -437,15 +447,23 @@ class LlamaCppEngine(Engine):
                 if len(t) > self.n_ctx_seq:
                     raise InvalidRequest(f"the input is {len(t)} tokens, more than the context "
                                          f"window of {self.n_ctx_seq} tokens (num_ctx)")
-            if self._emb_ctx is None:
-                # Mean pooling needs a whole text in one ubatch: n_ubatch = n_ctx.
-                cp = self._context_params(self.n_ctx_seq, self.n_ctx_seq, 1)
+            longest = max(len(t) for t in toks)
+            if self._emb_ctx is None or self._emb_n < longest:
+                # Mean pooling needs a whole text in one ubatch: n_ubatch = n_ctx, sized to the
+                # texts at hand (a power of two from 512), not to num_ctx: a ubatch of a 32K
+                # context (Gemma 3) needs a compute buffer llama.cpp could not allocate.
+                n = min(self.n_ctx_seq, max(512, 1 << (longest - 1).bit_length()))
+                if self._emb_ctx is not None:
+                    L.llama_batch_free(self._emb_batch)
+                    L.llama_free(self._emb_ctx)
+                    self._emb_ctx = None
+                cp = self._context_params(n, n, 1)
                 cp.embeddings, cp.pooling_type = True, L.LLAMA_POOLING_TYPE_MEAN
                 ctx = L.llama_init_from_model(self.model, cp)
                 if not ctx:
-                    raise BackendError("llama.cpp could not create an embedding context")
-                self._emb_ctx = ctx
-                self._emb_batch = L.llama_batch_init(self.n_ctx_seq, 0, 1)
+                    raise BackendError(f"llama.cpp could not create an embedding context of {n} tokens")
+                self._emb_ctx, self._emb_n = ctx, n
+                self._emb_batch = L.llama_batch_init(n, 0, 1)
             ctx, b = self._emb_ctx, self._emb_batch
             vectors = []
             for t in toks:
@@ -486,6 +504,7 @@ class LlamaCppEngine(Engine):
             "n_threads": self.n_threads,
             "n_ctx_train": self.n_ctx_train,
             "kv_bytes": self.kv_bytes,
+            "kv_cache_type": self.kv_type,
             "max_token_bytes": self.max_token_bytes,  # the gateway's cheap "cannot fit" check
             "model_bytes": os.path.getsize(self.spec.path),
             "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),

@@ -151,7 +151,47 @@ def load_model(src: Source) -> tuple[Any, Any | None, int]:
             tok = AutoTokenizer.from_pretrained(where, **({"gguf_file": kw["gguf_file"]} if src.gguf else {}))
         except (ValueError, OSError) as e:
             raise CompileError(f"transformers cannot load the tokenizer of {src.path}: {e}") from None
+        if src.gguf is not None:
+            spm_gguf_tokenizer_fixups(tok, src.gguf)
     return model, tok, sum(p.numel() for p in model.parameters())
+
+
+def spm_gguf_tokenizer_fixups(tok: Any, info: Any) -> None:
+    """What transformers' conversion of a SentencePiece GGUF vocabulary leaves out and
+    llama.cpp does: the control tokens (``<start_of_turn>``, ``<end_of_turn>``...) are
+    matched whole in the text, and BOS is added when the GGUF says so. Without them
+    Gemma 3 got no BOS and its turn markers spelt out as plain text (checked against
+    llama.cpp's tokens of the same text)."""
+    from tokenizers import AddedToken
+
+    md = info.metadata
+    tokens, types = md.get("tokenizer.ggml.tokens") or [], md.get("tokenizer.ggml.token_type") or []
+    control = [str(tokens[i]) for i, t in enumerate(types)
+               if t == 3 and not str(tokens[i]).startswith("<unused")]  # Gemma has 6,000 unused ones
+    if control:
+        tok.add_special_tokens({"additional_special_tokens":
+                                [AddedToken(c, special=True, normalized=False) for c in control]})
+    if md.get("tokenizer.ggml.add_bos_token") and not getattr(tok, "add_bos_token", True):
+        tok.add_bos_token = True
+
+
+# optimum-intel 2.1.0 refuses to export the Gemma family with transformers newer than 5.0
+# (GemmaOpenVINOConfig.MAX_TRANSFORMERS_VERSION); kiln's pinned transformers exports Gemma 3's
+# text model correctly (its IR loads and generates, on CPU and through the NPU pipeline: the
+# last stage of every compile checks that), so for these model types the cap is lifted.
+EXPORT_PAST_VERSION_CAP = ("gemma3_text",)
+
+
+def lift_version_cap(model_type: str) -> None:
+    if model_type not in EXPORT_PAST_VERSION_CAP:
+        return
+    from optimum.exporters.tasks import TasksManager
+
+    config = TasksManager.get_exporter_config_constructor(
+        "openvino", task="text-generation-with-past", model_type=model_type, library_name="transformers")
+    cls = getattr(config, "func", config)
+    if getattr(cls, "MAX_TRANSFORMERS_VERSION", None):
+        cls.MAX_TRANSFORMERS_VERSION = None
 
 
 def export_ir(model: Any, tok: Any, out: Path, opts: Options) -> None:
@@ -159,6 +199,7 @@ def export_ir(model: Any, tok: Any, out: Path, opts: Options) -> None:
     from optimum.intel import OVConfig
 
     ov_config = OVConfig(dtype="fp16") if opts.weight_format == "fp16" else None
+    lift_version_cap(getattr(model.config, "model_type", ""))
     export_from_model(model, str(out), task="text-generation-with-past", ov_config=ov_config,
                       preprocessors=[tok] if tok is not None else None)
 

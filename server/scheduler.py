@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import Backend, BackendError, InvalidRequest, ModelSpec
+from backends.base import KV_CACHE_TYPES, Backend, BackendError, InvalidRequest, ModelSpec
 from backends.store import Manifest, ModelStore
 from backends.worker import WorkerBackend
 from server.durations import FOREVER, MAX_KEEP_ALIVE, parse_duration
@@ -111,7 +111,9 @@ DEFAULT_CTX = 2048  # a model that names no trained context (Ollama's old defaul
 CTX_STEP = 256  # a context cut to fit the memory budget is a multiple of this
 
 
-def estimate_kv_bytes(m: Manifest, num_ctx: int, parallel: int) -> int:
+def estimate_kv_bytes(m: Manifest, num_ctx: int, parallel: int, kv_type: str = "") -> int:
+    """K and V of every layer for ``num_ctx`` x ``parallel`` tokens, in ``kv_type``
+    (f16 when unset). An upper bound for models with sliding-window layers."""
     info, arch = m.model_info, m.model_info.get("general.architecture", "")
     layers = info.get(f"{arch}.block_count") or 0
     embd = info.get(f"{arch}.embedding_length") or 0
@@ -119,8 +121,9 @@ def estimate_kv_bytes(m: Manifest, num_ctx: int, parallel: int) -> int:
     kv_heads = info.get(f"{arch}.attention.head_count_kv") or heads
     if not (layers and embd):
         return 0
-    per_token = 2 * layers * (embd // heads) * kv_heads * 2  # K and V, f16
-    return per_token * num_ctx * parallel
+    head_dim = info.get(f"{arch}.attention.key_length") or embd // heads  # Gemma's 256 > 640 / 4
+    per_token = 2 * layers * head_dim * kv_heads * KV_CACHE_TYPES.get(kv_type or "f16", 2.0)  # K and V
+    return int(per_token * num_ctx * parallel)
 
 
 class Scheduler:
@@ -204,7 +207,7 @@ class Scheduler:
         if trained and ctx > trained:
             ctx, why = trained, f"the model was trained for {trained} tokens"
         parallel = self.settings.num_parallel or _auto_parallel()
-        per_token = estimate_kv_bytes(m, 1, parallel)  # KV bytes per token of context, all sequences
+        per_token = estimate_kv_bytes(m, 1, parallel, self.kv_cache_type(m))  # per token of context, all sequences
         if per_token:
             room = (self.settings.memory_limit - m.size) // per_token
             fit = max(CTX_STEP, room // CTX_STEP * CTX_STEP)
@@ -212,6 +215,17 @@ class Scheduler:
                 ctx, why = fit, (f"{parallel} sequences of more would not fit the memory budget of "
                                  f"{self.settings.memory_limit >> 20} MiB (KILN_MEMORY_BUDGET, KILN_NUM_PARALLEL)")
         return ctx, why
+
+    def kv_cache_type(self, m: Manifest) -> str:
+        """The model's own (a manifest's ``kv_cache_type``), else the setting; "" = the engine's."""
+        return str(m.extra.get("kv_cache_type") or self.settings.kv_cache_type or "")
+
+    def kv_cache_plan(self, m: Manifest, num_ctx: int, parallel: int | None = None) -> dict[str, Any]:
+        """The KV cache a load with ``num_ctx`` takes (what the memory budget counts)."""
+        parallel = parallel or self.settings.num_parallel or _auto_parallel()
+        kv = self.kv_cache_type(m)
+        return {"type": kv or "f16", "num_parallel": parallel, "num_ctx": num_ctx,
+                "bytes": estimate_kv_bytes(m, num_ctx, parallel, kv)}
 
     def _spec(self, m: Manifest, num_ctx: int | None) -> ModelSpec:
         ctx, why = self.context_for(m, num_ctx)
@@ -229,7 +243,8 @@ class Scheduler:
             name=m.name, path=str(self.store.resolve(ref)), backend=m.backend, num_ctx=ctx,
             num_parallel=self.settings.num_parallel or _auto_parallel(),
             num_threads=self.settings.threads, devices=list(m.devices),
-            cache_dir=str(self.store.root / "cache"), extra=dict(m.extra),
+            cache_dir=str(self.store.root / "cache"),
+            extra={**m.extra, **({"kv_cache_type": kv} if (kv := self.kv_cache_type(m)) else {})},
         )
 
     async def _get(self, m: Manifest, num_ctx: int | None) -> tuple[Runner, int]:
@@ -287,8 +302,11 @@ class Scheduler:
     def _check_budget(self, m: Manifest, spec: ModelSpec) -> int:
         """The bytes the model needs; refuses one that could never fit, before anything
         is unloaded or tried (a 1.5 TB context once evicted the loaded model first)."""
-        kv = estimate_kv_bytes(m, spec.num_ctx, spec.num_parallel)
+        kv_type = spec.extra.get("kv_cache_type") or ""
+        kv = estimate_kv_bytes(m, spec.num_ctx, spec.num_parallel, kv_type)
         need, budget = m.size + kv, self.settings.memory_limit
+        log.info("%s: weights %s + KV cache %s (%s, num_ctx=%d x %d parallel) = %s of the %s budget", m.name,
+                 _gib(m.size), _gib(kv), kv_type or "f16", spec.num_ctx, spec.num_parallel, _gib(need), _gib(budget))
         if need > budget:
             loaded = ", ".join(f"{r.manifest.name} ({_gib(r.size)})" for r in self.runners.values()) or "none"
             raise InsufficientMemory(

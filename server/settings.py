@@ -12,7 +12,7 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         0, ge=0, validation_alias=_env("KILN_CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"),
         description="Context per request (num_ctx) when a request sets none (0 = the model's trained context); "
                     "capped by the trained context and the memory budget.")
+    kv_cache_type: Literal["", "f16", "q8_0", "q4_0"] = Field(
+        "", validation_alias=_env("KILN_KV_CACHE_TYPE", "OLLAMA_KV_CACHE_TYPE"),
+        description="KV cache element type: f16, q8_0 (half the memory of f16) or q4_0 (a quarter); "
+                    "llama.cpp then runs with flash attention, which quantized V needs. Empty = the "
+                    "engine's default (llama.cpp f16, OpenVINO's CPU u8). Counted by the memory budget.")
     memory_budget: int = Field(
         0, ge=0, validation_alias=_env("KILN_MEMORY_BUDGET"),
         description="Bytes all loaded models may use (0 = 75% of physical memory).")

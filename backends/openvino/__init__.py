@@ -57,6 +57,8 @@ Stop strings are matched here, on the decoded text, so none is ever returned.
 ``max_num_batched_tokens`` (int, ``max(spec.num_batch, 256)``), ``enable_prefix_caching``
     (bool, true): the batch's ``SchedulerConfig``.
 ``kv_block_size`` (int; 32 on CPU, 16 elsewhere): tokens per KV block, for sizing.
+``kv_cache_type`` (``f16``, ``q8_0``, ``q4_0``): the CPU's ``KV_CACHE_PRECISION`` (f16, u8, u4);
+    unset, the CPU plugin's default (u8).
 """
 
 from backends.openvino.engine import OpenVINOEngine

@@ -134,6 +134,9 @@ class OpenVINOEngine(Engine):
         # Every sequence may hold a full context at once: no preemption, no KV cut.
         sc.num_kv_blocks = seqs * (-(-(num_ctx + 1) // block) + 1)
         props = self._properties(device)
+        kv_type = extra.get("kv_cache_type")
+        if kv_type and device.upper() == "CPU":  # the CPU plugin's KV element type (its default: u8)
+            props.setdefault("KV_CACHE_PRECISION", {"f16": "f16", "q8_0": "u8", "q4_0": "u4"}[kv_type])
         if self.spec.cache_dir:
             props.setdefault("CACHE_DIR", self.spec.cache_dir)
             self.cache = "cache-dir"

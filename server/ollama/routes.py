@@ -164,6 +164,9 @@ async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
     kiln["context_length"] = runner.num_ctx if runner is not None else ctx
     if why and runner is None:
         kiln["context_limited_by"] = why
+    # what that context costs, before any load: the KV cache the memory budget counts
+    kiln["kv_cache"] = service.scheduler.kv_cache_plan(service.store.get(body.target), kiln["context_length"],
+                                                       runner.num_parallel if runner is not None else None)
     return out
 
 

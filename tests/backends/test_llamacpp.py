@@ -415,3 +415,30 @@ def test_detokenize_gives_back_text_that_tokenizes_to_the_same_ids(backend):
     assert asyncio.run(backend.tokenize(back)) == ids
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         asyncio.run(backend.detokenize([10**9]))
+
+
+def test_q8_0_kv_cache_halves_the_memory_and_still_answers(backend):
+    # KILN_KV_CACHE_TYPE=q8_0: llama.cpp's quantized cache (with flash attention, which a
+    # quantized V needs); the gateway's budget counts the same bytes the engine reports.
+    from server.scheduler import estimate_kv_bytes
+    from server.models import manifest_from_gguf
+    from backends.gguf import read_gguf
+    from backends.store import FileRef
+
+    b = InProcessBackend(LlamaCppEngine, ModelSpec(name="smollm2-q8", path=model_path(), num_ctx=NUM_CTX,
+                                                   num_parallel=1, extra={"kv_cache_type": "q8_0"}))
+    info = asyncio.run(b.load())
+    try:
+        f16 = backend.engine.info()
+        assert info["kv_cache_type"] == "q8_0" and f16["kv_cache_type"] == "f16"
+        per_cell_q8 = info["kv_bytes"] / (info["num_ctx"] * info["num_parallel"])
+        per_cell_f16 = f16["kv_bytes"] / (f16["num_ctx"] * f16["num_parallel"])
+        assert per_cell_q8 == pytest.approx(per_cell_f16 * 34 / 64)
+        m = manifest_from_gguf("x:1", read_gguf(model_path()), FileRef("model", model_path(), "0", 1), "test")
+        assert estimate_kv_bytes(m, info["num_ctx"], 1, "q8_0") == pytest.approx(info["kv_bytes"], rel=0.01)
+        prompt = chat("Count from one to five.")
+        text, chunks = generate(b, prompt, temperature=0, max_tokens=16)
+        check_stream(chunks)
+        assert all(n in text for n in ("1", "2", "3")), text  # it counts
+    finally:
+        asyncio.run(b.unload())

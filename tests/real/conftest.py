@@ -4,7 +4,11 @@ by OpenVINO: ``openvino-cpu`` (the GGUF through OpenVINO GenAI's continuous-batc
 pipeline) or ``openvino-npu`` (an int4 IR compiled for the NPU profile, run by the
 static NPU pipeline with OpenVINO's NPU wrapper on the CPU, ``NPUW_DEVICES=CPU``).
 ``upstream``: the model lives on a second kiln node, reached through ``[[upstreams]]``
-(``api = "ollama"``, discovered: it shadows the front's own copy)."""
+(``api = "ollama"``, discovered: it shadows the front's own copy).
+
+``KILN_CONFORMANCE_MODEL=gemma3`` runs them on Gemma 3 270M instead of SmolLM2 (a base
+model, trained for 32,768 tokens, served with Gemma's own chat template; see
+``tests.models.REAL_MODELS``). Not with ``upstream``."""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from backends.store import FileRef, ModelStore, sha256_file
 from tests.conftest import Server, require_model, start_server, stop_server
+from tests.models import RealModel, conformance_model
 
 BACKEND = os.environ.get("KILN_CONFORMANCE_BACKEND", "llamacpp")
 COMPILE_ARGS = {
@@ -26,13 +32,41 @@ COMPILE_ARGS = {
 }
 
 
-def compile_into(store: Path, backend: str) -> None:
-    """Puts the bundled model into ``store`` as ``smollm2:135m``, served by OpenVINO."""
-    gguf = require_model()
-    cmd = [sys.executable, "-m", "compile", str(gguf), "--name", "smollm2:135m", "--store", str(store),
-           *COMPILE_ARGS[backend]]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+# Gemma 3 is neither a llama/qwen architecture nor a BPE vocabulary: OpenVINO GenAI cannot
+# read its GGUF as it is, so for the CPU too it is exported to IR.
+GEMMA_COMPILE_ARGS = {**COMPILE_ARGS, "openvino-cpu": ["--profile", "cpu"]}
+
+
+def compile_into(store: Path, backend: str, model: RealModel | None = None) -> None:
+    """Puts the conformance model into ``store`` under its name, served by OpenVINO."""
+    model = model or conformance_model()
+    gguf = model.locate() if model.template else require_model()
+    args = (GEMMA_COMPILE_ARGS if model.family == "gemma3" else COMPILE_ARGS)[backend]
+    cmd = [sys.executable, "-m", "compile", str(gguf), "--name", model.name, "--store", str(store), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
+    with_template(store, model)
+
+
+def with_template(store: Path, model: RealModel) -> None:
+    """Gives a model whose GGUF has no chat template its own (and its stop strings)."""
+    if model.template is None:
+        return
+    s = ModelStore(store)
+    m = s.get(model.name)
+    m.chat_template, m.parameters = model.template, {**m.parameters, **model.parameters}
+    s.put(m)
+
+
+def put_gguf(store: Path, model: RealModel) -> None:
+    """Registers a GGUF outside the bundled set for llama.cpp, as a seeded model is."""
+    from backends.gguf import read_gguf
+    from server.models import manifest_from_gguf
+
+    path = model.locate()
+    ref = FileRef("model", str(path), sha256_file(path), path.stat().st_size)
+    ModelStore(store).put(manifest_from_gguf(model.name, read_gguf(path), ref, source=f"test:{path.name}"))
+    with_template(store, model)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +85,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         if BACKEND not in COMPILE_ARGS:
             pytest.fail(f"unknown KILN_CONFORMANCE_BACKEND {BACKEND!r} (llamacpp, {', '.join(COMPILE_ARGS)})")
         compile_into(tmp / "models", BACKEND)
+    elif conformance_model().template is not None:
+        put_gguf(tmp / "models", conformance_model())
     s = start_server(tmp, env={"KILN_NUM_PARALLEL": "4"})
     yield s
     stop_server(s)

@@ -1,4 +1,5 @@
-"""The official clients against a real ``kiln serve`` on the bundled SmolLM2-135M.
+"""The official clients against a real ``kiln serve`` on the bundled SmolLM2-135M (or, with
+``KILN_CONFORMANCE_MODEL=gemma3``, Gemma 3 270M).
 
 Driven exactly as users drive them: ``ollama.Client(host=...)`` and
 ``openai.OpenAI(base_url=.../v1)``. Every generation is bounded (the model at
@@ -22,10 +23,13 @@ import ollama
 import openai
 import pytest
 
+from tests.models import conformance_model
+
 pytestmark = pytest.mark.real_model
 
-MODEL = "smollm2:135m"
-EMBED_DIM = 576  # SmolLM2-135M's embedding length
+REAL = conformance_model()
+MODEL = REAL.name
+EMBED_DIM = REAL.embedding_length
 GREEDY = {"temperature": 0}
 COUNT = [{"role": "user", "content": "Count from one to ten."}]
 
@@ -179,7 +183,7 @@ def test_unknown_model(oc, oa):
 
 
 def test_malformed_json_then_a_good_request(server, oc):
-    r = httpx.post(server.url + "/api/chat", content=b'{"model": "smollm2:135m", "messages": [', timeout=30,
+    r = httpx.post(server.url + "/api/chat", content=b'{"model": "' + MODEL.encode() + b'", "messages": [', timeout=30,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{nope", timeout=30)
@@ -253,7 +257,7 @@ def test_show_list_ps(oc):
     assert s.modelinfo[f"{arch}.context_length"] > 0
     assert s.modelinfo[f"{arch}.embedding_length"] == EMBED_DIM
     assert "completion" in s.capabilities
-    assert s.details.family == "llama" and s.details.format in ("gguf", "openvino")
+    assert s.details.family == REAL.family and s.details.format in ("gguf", "openvino")
     assert s.template and isinstance(s.parameters, str) and s.modified_at is not None
 
     listed = {m.model: m for m in oc.list().models}
