@@ -152,17 +152,26 @@ def load_model(src: Source) -> tuple[Any, Any | None, int]:
         except (ValueError, OSError) as e:
             raise CompileError(f"transformers cannot load the tokenizer of {src.path}: {e}") from None
         if src.gguf is not None:
-            spm_gguf_tokenizer_fixups(tok, src.gguf)
+            tok = spm_gguf_tokenizer(tok, src.gguf)
     return model, tok, sum(p.numel() for p in model.parameters())
 
 
-def spm_gguf_tokenizer_fixups(tok: Any, info: Any) -> None:
-    """What transformers' conversion of a SentencePiece GGUF vocabulary leaves out and
-    llama.cpp does: the control tokens (``<start_of_turn>``, ``<end_of_turn>``...) are
-    matched whole in the text, and BOS is added when the GGUF says so. Without them
-    Gemma 3 got no BOS and its turn markers spelt out as plain text (checked against
-    llama.cpp's tokens of the same text)."""
+def spm_gguf_tokenizer(tok: Any, info: Any) -> Any:
+    """transformers' tokenizer of a SentencePiece GGUF vocabulary, made to tokenize as
+    llama.cpp does. As converted, its vocabulary has holes (transformers warns so) and
+    openvino-tokenizers turned it into one that split Gemma 3's text into pieces no
+    model saw; saved and loaded again, it is whole. Then what the conversion leaves out:
+    the control tokens (``<start_of_turn>``, ``<end_of_turn>``...) are matched whole in
+    the text, and BOS is added when the GGUF says so. Checked against llama.cpp's tokens
+    of the same text."""
+    import tempfile
+
     from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="kiln-tokenizer-") as d:
+        tok.save_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
 
     md = info.metadata
     tokens, types = md.get("tokenizer.ggml.tokens") or [], md.get("tokenizer.ggml.token_type") or []
@@ -173,6 +182,7 @@ def spm_gguf_tokenizer_fixups(tok: Any, info: Any) -> None:
                                 [AddedToken(c, special=True, normalized=False) for c in control]})
     if md.get("tokenizer.ggml.add_bos_token") and not getattr(tok, "add_bos_token", True):
         tok.add_bos_token = True
+    return tok
 
 
 # optimum-intel 2.1.0 refuses to export the Gemma family with transformers newer than 5.0
