@@ -37,19 +37,25 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Capabilities:
-    chat_template: bool = False  # the engine applies its own chat template
+    """What an engine can do, declared in its ``EngineInfo``; the gateway refuses a
+    request that needs more (a 400) before anything is sent to the engine."""
+
     batching: bool = False  # several requests may generate at once
-    tokenize: bool = True
     embeddings: bool = False
-    grammar: bool = False  # GBNF / JSON-schema constrained decoding
+    grammar: bool = False  # JSON-schema constrained decoding
 
 
 class BackendError(RuntimeError):
-    """The engine failed (crashed, refused to load, ran out of memory)."""
+    """The engine failed (crashed, refused to load, ran out of memory): a 500 whose
+    message is the engine's own text."""
+
+
+class EngineUnavailable(BackendError):
+    """The engine is not there to ask (unloaded, unloading, its worker not running): a 503."""
 
 
 class InvalidRequest(ValueError):
-    """The request cannot be served as asked; the message is shown to the user."""
+    """The request cannot be served as asked; the message is shown to the user (a 400)."""
 
 
 @dataclass
@@ -78,31 +84,21 @@ class SamplingParams:
 class GenerationRequest:
     """What the gateway asks an engine for. One type for every wire dialect.
 
-    ``prompt`` is the final text (chat template already applied, unless the engine
-    has ``Capabilities.chat_template`` and ``messages`` is set).
+    ``prompt`` is the final text (chat template already applied). ``tokens`` are its
+    ids, when the gateway has them (``Backend.prepare``): the engine then generates from
+    them and does not tokenize the prompt again.
     """
 
     prompt: str
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    messages: list[dict[str, Any]] | None = None
-    grammar: str | None = None  # GBNF, for engines with Capabilities.grammar
-    json_schema: dict[str, Any] | None = None  # the schema the grammar came from
-    loop_guard: dict[str, Any] | None = None  # see backends.guard.LoopGuard
+    json_schema: dict[str, Any] | None = None  # output held to this schema (a grammar made from it)
+    tokens: list[int] | None = None
 
     @property
     def constrained(self) -> bool:
-        """Output held to a grammar (given, or made from ``json_schema``)."""
-        return self.json_schema is not None or bool(self.grammar)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationRequest:
-        d = dict(d)
-        d["sampling"] = SamplingParams(**d.get("sampling") or {})
-        return cls(**d)
+        """Output held to a grammar (made from ``json_schema``)."""
+        return self.json_schema is not None
 
 
 @dataclass
@@ -126,29 +122,6 @@ class Chunk:
     detail: str | None = None  # why it finished, when that needs saying (loop guard, KV full)
     thinking: str = ""  # reasoning text; engines leave it empty, the gateway splits it out
     stop_sequence: str | None = None  # on the last chunk: the stop string that ended the generation
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"text": self.text, "n_tokens": self.n_tokens}
-        if self.finish_reason is not None:
-            d["finish_reason"] = self.finish_reason.value
-        if self.usage is not None:
-            d["usage"] = dataclasses.asdict(self.usage)
-        if self.detail:
-            d["detail"] = self.detail
-        if self.stop_sequence is not None:
-            d["stop_sequence"] = self.stop_sequence
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Chunk:
-        return cls(
-            text=d.get("text", ""),
-            n_tokens=d.get("n_tokens", 0),
-            finish_reason=FinishReason(d["finish_reason"]) if d.get("finish_reason") else None,
-            usage=Usage(**d["usage"]) if d.get("usage") else None,
-            detail=d.get("detail"),
-            stop_sequence=d.get("stop_sequence"),
-        )
 
 
 @dataclass
@@ -181,8 +154,29 @@ class ModelSpec:
     embedding: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclass
+class EngineInfo:
+    """What a loaded engine declares: one schema for every engine. The scheduler sizes
+    memory and context from it, the gateway checks requests against it, ``/api/ps`` and
+    ``/api/show`` report it (``details`` holds what only one engine has: fallbacks,
+    pipeline, system info)."""
+
+    device: str
+    num_ctx: int  # context per sequence
+    num_parallel: int  # sequences at once
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    model_bytes: int = 0  # weights in memory; 0: the model file's size
+    kv_bytes: int = 0  # the KV cache allocated for every sequence
+    max_token_bytes: int | None = None  # the longest token's text (a prompt's size bounds its count)
+    max_prompt_len: int | None = None  # a static pipeline's longest prompt (the NPU)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        """A flat dict for kiln's fields in /api/ps and /api/show."""
+        d = dataclasses.asdict(self)
+        details = d.pop("details")
+        return {**details, **{k: v for k, v in d.items() if v is not None}}
 
 
 Emit = Callable[[Chunk], None]
@@ -198,7 +192,7 @@ class Engine(abc.ABC):
     """
 
     name: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
+    capabilities: ClassVar[Capabilities]  # declared again in info()
 
     @abc.abstractmethod
     def __init__(self, spec: ModelSpec) -> None: ...
@@ -220,13 +214,15 @@ class Engine(abc.ABC):
         ``context`` of /api/generate)."""
         raise InvalidRequest(f"the {self.name} backend cannot turn token ids back into text")
 
-    def validate(self, req: GenerationRequest) -> None:
-        """Raises ``InvalidRequest`` for what the engine cannot serve (a schema it
-        cannot turn into a grammar), so the client gets a 400 before any streaming."""
+    def prepare(self, req: GenerationRequest) -> list[int]:
+        """The prompt's token ids, after checking what the engine would refuse once
+        generating (a schema it cannot turn into a grammar): the one call the gateway makes
+        before the first token. Raises ``InvalidRequest`` for a 400."""
+        return self.tokenize(req.prompt)
 
-    def info(self) -> dict[str, Any]:
-        """What /api/ps and /api/show report: device, fallbacks, context, memory."""
-        return {}
+    @abc.abstractmethod
+    def info(self) -> EngineInfo:
+        """The loaded engine's declared facts (see ``EngineInfo``)."""
 
     def stats(self) -> dict[str, Any]:
         """Live counters (active slots, cached tokens) for metrics."""
@@ -239,12 +235,16 @@ class Engine(abc.ABC):
 class Backend(abc.ABC):
     """What the gateway holds for a loaded model."""
 
-    capabilities: Capabilities
     spec: ModelSpec
+    info: EngineInfo | None = None  # set by load()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.info.capabilities if self.info is not None else Capabilities()
 
     @abc.abstractmethod
-    async def load(self) -> dict[str, Any]:
-        """Load the model; returns ``Engine.info()``."""
+    async def load(self) -> EngineInfo:
+        """Load the model; returns (and keeps) ``Engine.info()``."""
 
     @abc.abstractmethod
     def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -259,8 +259,15 @@ class Backend(abc.ABC):
     async def detokenize(self, ids: list[int]) -> str:
         raise InvalidRequest("this backend cannot turn token ids back into text")
 
+    async def prepare(self, req: GenerationRequest) -> list[int]:
+        """``Engine.prepare``: the prompt's token ids, checked. A feature the engine's
+        declared capabilities lack is refused here, before anything is sent to it."""
+        if req.constrained and not self.capabilities.grammar:
+            raise InvalidRequest(f"the {self.spec.backend} backend does not do grammar-constrained decoding")
+        return await self._prepare(req)
+
     @abc.abstractmethod
-    async def validate(self, req: GenerationRequest) -> None: ...
+    async def _prepare(self, req: GenerationRequest) -> list[int]: ...
 
     async def stats(self) -> dict[str, Any]:
         return {}
@@ -280,13 +287,13 @@ class InProcessBackend(Backend):
 
     def __init__(self, engine_cls: type[Engine], spec: ModelSpec) -> None:
         self.engine_cls = engine_cls
-        self.capabilities = engine_cls.capabilities
         self.spec = spec
         self.engine: Engine | None = None
 
-    async def load(self) -> dict[str, Any]:
+    async def load(self) -> EngineInfo:
         self.engine = await asyncio.to_thread(self.engine_cls, self.spec)
-        return self.engine.info()
+        self.info = self.engine.info()
+        return self.info
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         assert self.engine is not None, "load() first"
@@ -322,9 +329,9 @@ class InProcessBackend(Backend):
         assert self.engine is not None
         return await asyncio.to_thread(self.engine.detokenize, ids)
 
-    async def validate(self, req: GenerationRequest) -> None:
+    async def _prepare(self, req: GenerationRequest) -> list[int]:
         assert self.engine is not None
-        await asyncio.to_thread(self.engine.validate, req)
+        return await asyncio.to_thread(self.engine.prepare, req)
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats() if self.engine else {}

@@ -7,26 +7,32 @@ Its reply is, in order of precedence: the next entry of ``FakeEngine.script``
 (``FakeEngine.enqueue("text")``), ``spec.extra["reply"]``, or an echo of the
 prompt's last line. A reply is emitted one word (token) at a time.
 ``spec.extra``: ``delay`` seconds per token, ``fail_at`` (raise after N tokens),
-``crash_at`` (kill the process after N tokens: tests the gateway's restart), ``info``
-(merged into ``info()``: the limits a real engine reports, e.g. an NPU's ``max_prompt_len``).
+``crash_at`` (kill the process after N tokens: tests the gateway's restart), after
+writing ``crash_message`` to stderr (as a native library's assert would),
+``embed_error`` (``embed`` fails as an engine does, with that text), and ``info``
+(``EngineInfo`` fields: the limits a real engine reports, e.g. an NPU's ``max_prompt_len``).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import os
 import re
+import sys
 import threading
 import time
 from typing import Any, ClassVar
 
 from backends.base import (
+    BackendError,
     Capabilities,
     Chunk,
     Emit,
     Embeddings,
     Engine,
+    EngineInfo,
     FinishReason,
     GenerationRequest,
     ModelSpec,
@@ -37,7 +43,7 @@ from backends.text import StopMatcher
 
 class FakeEngine(Engine):
     name = "fake"
-    capabilities = Capabilities(batching=True, tokenize=True, embeddings=True, grammar=True)
+    capabilities = Capabilities(batching=True, embeddings=True, grammar=True)
     script: ClassVar[collections.deque[str]] = collections.deque()
     requests: ClassVar[list[GenerationRequest]] = []
     words: ClassVar[dict[int, str]] = {}  # id -> word, for detokenize
@@ -65,7 +71,7 @@ class FakeEngine(Engine):
         pieces = re.findall(r"\s*\S+", reply) or [""]
         matcher = StopMatcher(req.sampling.stop)
         limit = req.sampling.max_tokens
-        n_prompt = len(self.tokenize(req.prompt))
+        n_prompt = len(req.tokens if req.tokens is not None else self.tokenize(req.prompt))
         t0 = time.monotonic_ns()
         with self.lock:
             self.active += 1
@@ -83,6 +89,8 @@ class FakeEngine(Engine):
                                usage=Usage(n_prompt, n)))
                     return
                 if extra.get("crash_at") is not None and n >= extra["crash_at"]:
+                    if extra.get("crash_message"):
+                        print(extra["crash_message"], file=sys.stderr, flush=True)
                     os._exit(3)
                 if extra.get("delay"):
                     time.sleep(extra["delay"])
@@ -117,22 +125,29 @@ class FakeEngine(Engine):
         return " ".join(FakeEngine.words.get(i, "?") for i in ids)
 
     def embed(self, texts: list[str]) -> Embeddings:
+        if self.spec.extra.get("embed_error"):
+            raise BackendError(self.spec.extra["embed_error"])
         vecs = []
         for t in texts:
             d = hashlib.sha256(t.encode()).digest()
             vecs.append([(b - 127.5) / 127.5 for b in d[:16]])
         return Embeddings(vecs, sum(len(self.tokenize(t)) for t in texts))
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> EngineInfo:
         # extra["info"]: what a real engine would report (an NPU's compiled limits, say)
-        return {"device": "fake", "num_ctx": self.spec.num_ctx, "num_parallel": self.spec.num_parallel,
-                **self.spec.extra.get("info", {})}
+        fields = {"kv_bytes": 0, **self.spec.extra.get("info", {})}
+        details = {k: fields.pop(k) for k in list(fields) if k not in _INFO_FIELDS}
+        return EngineInfo(device="fake", num_ctx=self.spec.num_ctx, num_parallel=self.spec.num_parallel,
+                          capabilities=self.capabilities, details=details, **fields)
 
     def stats(self) -> dict[str, Any]:
         return {"active": self.active}
 
     def close(self) -> None:
         pass
+
+
+_INFO_FIELDS = {f.name for f in dataclasses.fields(EngineInfo)}
 
 
 def _echo(prompt: str) -> str:

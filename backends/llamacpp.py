@@ -29,7 +29,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
-from backends.base import (KV_CACHE_TYPES, BackendError, Capabilities, Chunk, Emit, Embeddings, Engine,
+from backends.base import (KV_CACHE_TYPES, BackendError, Capabilities, Chunk, Emit, Embeddings, Engine, EngineInfo,
                            FinishReason, GenerationRequest, InvalidRequest, ModelSpec, SamplingParams,
                            Usage)
 from backends.cpus import physical_cores
@@ -45,6 +45,8 @@ log = logging.getLogger("kiln.llamacpp")
 # module anyway, so they are only warnings here.
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.WARNING}
 _log_buf = threading.local()  # llama.cpp sends lines in pieces; level 5 = "continued"
+# llama.cpp's last error lines, for a BackendError's text: the reason, then "failed to load model"
+_last_error: collections.deque[str] = collections.deque(maxlen=2)
 
 
 @L.llama_log_callback
@@ -58,6 +60,8 @@ def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         for line in lines:
             if line.strip():
                 log.log(lvl, "%s", line)
+                if getattr(_log_buf, "level", 1) == 4:
+                    _last_error.append(line.strip())
     except Exception:
         pass
 
@@ -75,10 +79,8 @@ def _schema_gbnf(schema_json: str) -> str:
 
 
 def _grammar(req: GenerationRequest) -> str | None:
-    """The request's GBNF: given as is, or converted from its JSON schema (format,
-    response_format, a forced tool call)."""
-    if req.grammar:
-        return req.grammar
+    """The request's GBNF, converted from its JSON schema (format, response_format, a
+    forced tool call)."""
     if req.json_schema is not None:
         return _schema_gbnf(json.dumps(req.json_schema))  # key order matters: the model writes them in it
     return None
@@ -261,7 +263,7 @@ class _Seq:
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
-    capabilities = Capabilities(batching=True, tokenize=True, embeddings=True, grammar=True)
+    capabilities = Capabilities(batching=True, embeddings=True, grammar=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -280,10 +282,11 @@ class LlamaCppEngine(Engine):
 
         L.llama_log_set(_log_callback, ctypes.c_void_p(0))
         L.llama_backend_init()
+        _last_error.clear()
         self.model = L.llama_model_load_from_file(os.fsencode(spec.path),
                                                   L.llama_model_default_params())
         if not self.model:
-            raise BackendError(f"llama.cpp could not load {spec.path}")
+            raise BackendError(_with_last_error(f"llama.cpp could not load {spec.path}"))
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.max_token_bytes, self._splitter = self._vocab_facts()
@@ -301,9 +304,10 @@ class LlamaCppEngine(Engine):
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
-            raise BackendError(f"llama.cpp could not create a context (num_ctx={num_ctx}, "
-                               f"KV cache {self.kv_type})")
+            raise BackendError(_with_last_error(f"llama.cpp could not create a context (num_ctx={num_ctx}, "
+                                                f"KV cache {self.kv_type})"))
         self.mem = L.llama_get_memory(self.ctx)
+        _last_error.clear()  # what a later failure names is its own
         # llama.cpp may round n_ctx up; never give a sequence more than was asked.
         self.n_ctx_seq = min(L.llama_n_ctx_seq(self.ctx), num_ctx)
         self.n_par = L.llama_n_seq_max(self.ctx)
@@ -480,10 +484,11 @@ class LlamaCppEngine(Engine):
                 vectors.append(vec[: self.n_embd_out])
             return Embeddings(vectors, sum(len(t) for t in toks))
 
-    def validate(self, req: GenerationRequest) -> None:
-        g = self._grammar_sampler(req)
+    def prepare(self, req: GenerationRequest) -> list[int]:
+        g = self._grammar_sampler(req)  # a schema that cannot be enforced is a 400 now, not mid-stream
         if g:
             L.llama_sampler_free(g)
+        return self.tokenize(req.prompt)
 
     def _grammar_sampler(self, req: GenerationRequest) -> Any:
         """The request's grammar as a sampler (the caller frees it), or None."""
@@ -495,20 +500,14 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest("the grammar is not valid GBNF (or has no 'root' rule)")
         return g
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "device": "cpu",
-            "num_ctx": self.n_ctx_seq,
-            "num_parallel": self.n_par,
-            "num_batch": self.n_batch,
-            "n_threads": self.n_threads,
-            "n_ctx_train": self.n_ctx_train,
-            "kv_bytes": self.kv_bytes,
-            "kv_cache_type": self.kv_type,
-            "max_token_bytes": self.max_token_bytes,  # the gateway's cheap "cannot fit" check
-            "model_bytes": os.path.getsize(self.spec.path),
-            "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
-        }
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            device="cpu", num_ctx=self.n_ctx_seq, num_parallel=self.n_par, capabilities=self.capabilities,
+            model_bytes=os.path.getsize(self.spec.path), kv_bytes=self.kv_bytes,
+            max_token_bytes=self.max_token_bytes,  # the gateway's cheap "cannot fit" check
+            details={"num_batch": self.n_batch, "n_threads": self.n_threads, "n_ctx_train": self.n_ctx_train,
+                     "kv_cache_type": self.kv_type,
+                     "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip()})
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -582,7 +581,11 @@ class LlamaCppEngine(Engine):
         detail, reason = None, FinishReason.ERROR
         size = len(e.req.prompt.encode("utf-8"))
         toks: list[int] = []
-        if self.max_token_bytes and size > self.n_ctx_seq * self.max_token_bytes:
+        if e.req.tokens is not None:  # tokenized by prepare(): only the count is checked again
+            toks = e.tokens = list(e.req.tokens)
+            if any(not 0 <= t < self.n_vocab for t in toks):
+                detail = f"a prompt token id is outside the vocabulary (0..{self.n_vocab - 1})"
+        elif self.max_token_bytes and size > self.n_ctx_seq * self.max_token_bytes:
             detail = (f"the prompt is {size} bytes, more than the context window of {self.n_ctx_seq} tokens "
                       f"(num_ctx) can hold")  # refused untokenized: see _vocab_facts
         else:
@@ -734,7 +737,7 @@ class LlamaCppEngine(Engine):
                 continue
             # Aborted or failed: the KV of these sequences is unknown; drop them.
             for s, _, _ in rows:
-                self._finish(s, FinishReason.ERROR, f"llama_decode failed with code {rc}",
+                self._finish(s, FinishReason.ERROR, _with_last_error(f"llama_decode failed with code {rc}"),
                              clear=True)
             return
         for s, k, _ in rows:
@@ -800,6 +803,11 @@ class LlamaCppEngine(Engine):
             self._cancels.discard(s.req.id)
         _safe_emit(s.emit, Chunk(n_tokens=s.n_unsent, finish_reason=reason, usage=usage,
                                  detail=detail, stop_sequence=s.stop.matched))
+
+
+def _with_last_error(message: str) -> str:
+    """``message`` with llama.cpp's own last error lines (what it logged as the reason)."""
+    return f"{message}: {'; '.join(_last_error)}" if _last_error else message
 
 
 def _safe_emit(emit: Emit, chunk: Chunk) -> None:

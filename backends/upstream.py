@@ -46,8 +46,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from backends import upstream_wire as wire
-from backends.base import Backend, BackendError, Capabilities, Chunk, Embeddings, GenerationRequest, InvalidRequest, \
-    ModelSpec
+from backends.base import (Backend, BackendError, Capabilities, Chunk, Embeddings, EngineInfo, GenerationRequest,
+                           InvalidRequest, ModelSpec)
 from backends.store import InvalidName, ModelName, ModelNotFound
 from backends.upstream_wire import UpstreamRequest
 
@@ -519,14 +519,16 @@ class UpstreamBackend(Backend):
     """One upstream model, as the gateway holds a loaded model."""
 
     remote = True  # the upstream applies the template, counts tokens and checks the context
-    capabilities = Capabilities(chat_template=True, batching=True, tokenize=False, embeddings=True, grammar=True)
-
     def __init__(self, pool: UpstreamPool, name: str) -> None:
         self.pool, self.name = pool, name
         self.spec = ModelSpec(name=name, path="", backend="upstream")
+        self.info = EngineInfo(device="upstream", num_ctx=0, num_parallel=0,
+                               capabilities=Capabilities(batching=True, embeddings=True, grammar=True))
 
-    async def load(self) -> dict[str, Any]:
-        return self.pool.where(self.name)
+    async def load(self) -> EngineInfo:
+        assert self.info is not None
+        self.info.details = self.pool.where(self.name)
+        return self.info
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         return self.pool.stream(self.name, req)
@@ -537,8 +539,10 @@ class UpstreamBackend(Backend):
     async def embed(self, texts: list[str]) -> Embeddings:
         return await self.pool.embed(self.name, texts)
 
-    async def validate(self, req: GenerationRequest) -> None:
-        """The upstream checks what it can serve, and its 4xx reaches the client as a 400."""
+    async def _prepare(self, req: GenerationRequest) -> list[int]:
+        """The upstream renders, counts and checks what it can serve (its 4xx reaches the
+        client as a 400): nothing to prepare here."""
+        raise InvalidRequest("an upstream model's tokens are counted by the upstream")
 
     async def unload(self) -> None:
         """The upstream keeps its own models loaded."""

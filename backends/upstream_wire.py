@@ -36,6 +36,7 @@ class UpstreamRequest(GenerationRequest):
     """A ``GenerationRequest`` with what a remote engine needs instead of a rendered
     prompt. ``prompt`` is the client's raw prompt (``raw``) or empty."""
 
+    messages: list[dict[str, Any]] | None = None  # the client's, untemplated
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     format: Any = None  # Ollama's: "json" or a JSON schema

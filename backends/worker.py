@@ -4,19 +4,12 @@ Why a process (as Ollama runs a runner per model): a blocking engine loop stays 
 the gateway's event loop (OpenVINO's ``step()`` holds the GIL), a native crash takes
 down one model and not the server, and unloading gives the memory back.
 
-The wire between them is JSON lines. The worker keeps its real stdout for the
-protocol and points fd 1 at stderr, so a native library that prints cannot corrupt
-it. Gateway -> worker::
-
-    {"op": "generate", "id": ID, "req": {...}}   {"op": "cancel", "id": ID}
-    {"op": "tokenize", "id": ID, "text": "..."}  {"op": "embed", "id": ID, "texts": [...]}
-    {"op": "detokenize", "id": ID, "ids": [...]}
-    {"op": "validate", "id": ID, "req": {...}}   {"op": "stats", "id": ID}
-
-Worker -> gateway::
-
-    {"op": "ready", "info": {...}, "capabilities": {...}}  or  {"op": "fatal", "error": "..."}
-    {"id": ID, "chunk": {...}}    {"id": ID, "result": ...}    {"id": ID, "error": "..."}
+The wire between them is JSON lines, the typed messages of ``backends.protocol``. The
+worker keeps its real stdout for the protocol and points fd 1 at stderr, so a native
+library that prints cannot corrupt it. Its stderr is the gateway's log: each line at the
+level the worker logged it (a line without one, a native library's, as a warning), and
+the last warnings and errors are kept: a worker that dies is reported with them, as
+Ollama reports its runner's last error line.
 
 The worker exits when its stdin closes.
 """
@@ -26,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -36,16 +28,15 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import orjson
-
+from backends import protocol as wire
 from backends.base import (
     Backend,
     BackendError,
-    Capabilities,
     Chunk,
     Embeddings,
+    EngineInfo,
+    EngineUnavailable,
     GenerationRequest,
-    InvalidRequest,
     ModelSpec,
 )
 
@@ -53,6 +44,9 @@ log = logging.getLogger("kiln.worker")
 
 _LINE_LIMIT = 256 << 20  # embeddings of long batches are big lines
 _LOG_LINE_LIMIT = 64 << 10  # stderr without a newline (a progress bar's \r) is logged in pieces
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the worker's; the gateway reads the level back
+_LEVELS = {name: getattr(logging, name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+_KEPT_LINES = 5  # the last warnings and errors, for the error a dead worker is reported with
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -122,15 +116,15 @@ class _Inbox:
     __slots__ = ("items", "waiter")
 
     def __init__(self) -> None:
-        self.items: collections.deque[dict[str, Any]] = collections.deque()
+        self.items: collections.deque[wire.FromWorker] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
 
-    def put(self, msg: dict[str, Any]) -> None:
+    def put(self, msg: wire.FromWorker) -> None:
         self.items.append(msg)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self) -> wire.FromWorker:
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
@@ -146,14 +140,14 @@ class WorkerBackend(Backend):
     def __init__(self, spec: ModelSpec, env: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.env = env or {}
-        self.capabilities = Capabilities()
-        self.info: dict[str, Any] = {}
+        self.info: EngineInfo | None = None
         self._pipes: _Pipes | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._pending: dict[str, _Inbox] = {}
-        self._dead: str | None = None
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._dead: BackendError | None = None
+        self._ready: asyncio.Future[EngineInfo] | None = None
         self._log = logging.getLogger(f"kiln.worker.{spec.name}")
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=_KEPT_LINES)
 
     @property
     def pid(self) -> int | None:
@@ -163,7 +157,11 @@ class WorkerBackend(Backend):
     def alive(self) -> bool:
         return self._pipes is not None and self._dead is None
 
-    async def load(self) -> dict[str, Any]:
+    @property
+    def dead_reason(self) -> str | None:
+        return str(self._dead) if self._dead is not None else None
+
+    async def load(self) -> EngineInfo:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         _, self._pipes = await loop.subprocess_exec(
@@ -175,34 +173,48 @@ class WorkerBackend(Backend):
         )
         assert self._pipes.transport is not None
         self._stdin = self._pipes.transport.get_pipe_transport(0)  # type: ignore[assignment]
-        self._send({"op": "load", "spec": self.spec.to_dict()})
+        self._send(wire.Load(spec=self.spec))
         try:
-            msg = await self._ready
+            self.info = await self._ready
         except BaseException:
             await self.unload()
             raise
-        self.capabilities = Capabilities(**msg.get("capabilities", {}))
-        self.info = msg.get("info", {})
         return self.info
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: wire.ToWorker) -> None:
+        if self._dead is not None:
+            raise type(self._dead)(str(self._dead))
         if not self.alive or self._stdin is None:
-            raise BackendError(self._dead or "the model's worker process is not running")
-        self._stdin.write(orjson.dumps(msg) + b"\n")
+            raise EngineUnavailable("the model's worker process is not running")
+        self._stdin.write(wire.encode(msg) + b"\n")
 
     def _on_message(self, line: bytes) -> None:
-        msg = orjson.loads(line)
-        q = self._pending.get(msg.get("id", ""))
+        msg = wire.from_worker(line)
+        if isinstance(msg, wire.Ready | wire.Fatal):
+            if self._ready is not None and not self._ready.done():
+                if isinstance(msg, wire.Fatal):
+                    self._ready.set_exception(BackendError(msg.error))
+                elif msg.version != wire.VERSION:
+                    self._ready.set_exception(BackendError(
+                        f"the worker speaks protocol version {msg.version}, the gateway {wire.VERSION}"))
+                else:
+                    self._ready.set_result(msg.info)
+            return
+        q = self._pending.get(msg.id)
         if q is not None:
             q.put(msg)
-        elif msg.get("op") in ("ready", "fatal") and self._ready and not self._ready.done():
-            if msg["op"] == "ready":
-                self._ready.set_result(msg)
-            else:
-                self._ready.set_exception(BackendError(msg["error"]))
 
     def _on_log(self, line: bytes) -> None:
-        self._log.debug("%s", line.decode(errors="replace").rstrip())
+        text = line.decode(errors="replace").rstrip()
+        if not text.strip():
+            return
+        name, _, rest = text.partition(" ")
+        level = _LEVELS.get(name)
+        if level is None:  # a native library's own line (an assert, a traceback's)
+            level, rest = logging.WARNING, text
+        if level >= logging.WARNING:
+            self.last_lines.append(rest)
+        self._log.log(level, "%s", rest)
 
     def _on_exit(self, rc: int | None, error: str | None) -> None:
         if error:
@@ -213,36 +225,41 @@ class WorkerBackend(Backend):
             reason = f"the model's worker process exited with status {rc}"
         else:
             reason = "the model's worker process exited"
-        self._dead = self._dead or reason
+        if self._dead is None:
+            if self.last_lines and not error:
+                reason = f"{reason}: {self.last_lines[-1]}"
+            # A worker that was unloaded is not there to ask (503); one that died failed (500).
+            self._dead = BackendError(reason) if self._pipes is not None else EngineUnavailable(reason)
         if self._ready and not self._ready.done():
-            self._ready.set_exception(BackendError(reason))
-        for q in self._pending.values():
-            q.put({"error": reason, "fatal": True})
+            self._ready.set_exception(self._dead)
+        for rid, q in self._pending.items():
+            q.put(wire.Error(id=rid, kind=wire.kind_of(self._dead), message=str(self._dead)))
 
-    async def _call(self, op: str, **kw: Any) -> Any:
-        rid = uuid.uuid4().hex
+    async def _call(self, msg: wire.Prepare | wire.Tokenize | wire.Detokenize | wire.Embed | wire.Stats
+                    ) -> wire.FromWorker:
         q = _Inbox()
-        self._pending[rid] = q
+        self._pending[msg.id] = q
         try:
-            self._send({"op": op, "id": rid, **kw})
-            msg = await q.get()
+            self._send(msg)
+            reply = await q.get()
         finally:
-            self._pending.pop(rid, None)
-        if "error" in msg:
-            raise (BackendError if msg.get("fatal") else InvalidRequest)(msg["error"])
-        return msg["result"]
+            self._pending.pop(msg.id, None)
+        if isinstance(reply, wire.Error):
+            raise wire.exception(reply.kind, reply.message)
+        return reply
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         q = _Inbox()
         self._pending[req.id] = q
         finished = False
         try:
-            self._send({"op": "generate", "id": req.id, "req": req.to_dict()})
+            self._send(wire.Generate(id=req.id, req=req))
             while True:
                 msg = await q.get()
-                if "error" in msg:
-                    raise (BackendError if msg.get("fatal") else InvalidRequest)(msg["error"])
-                chunk = Chunk.from_dict(msg["chunk"])
+                if isinstance(msg, wire.Error):
+                    raise wire.exception(msg.kind, msg.message)
+                assert isinstance(msg, wire.ChunkOut)
+                chunk = msg.chunk
                 if chunk.finish_reason is not None:
                     finished = True
                 yield chunk
@@ -251,28 +268,40 @@ class WorkerBackend(Backend):
         finally:
             self._pending.pop(req.id, None)
             if not finished and self.alive:
-                self._send({"op": "cancel", "id": req.id})
+                self._send(wire.Cancel(id=req.id))
+
+    async def _prepare(self, req: GenerationRequest) -> list[int]:
+        reply = await self._call(wire.Prepare(id=_rid(), req=req))
+        assert isinstance(reply, wire.Tokens)
+        return reply.ids
 
     async def tokenize(self, text: str) -> list[int]:
-        return await self._call("tokenize", text=text)
+        reply = await self._call(wire.Tokenize(id=_rid(), text=text))
+        assert isinstance(reply, wire.Tokens)
+        return reply.ids
 
     async def embed(self, texts: list[str]) -> Embeddings:
-        return Embeddings(**await self._call("embed", texts=texts))
+        reply = await self._call(wire.Embed(id=_rid(), texts=texts))
+        assert isinstance(reply, wire.Vectors)
+        return reply.embeddings
 
     async def detokenize(self, ids: list[int]) -> str:
-        return await self._call("detokenize", ids=ids)
-
-    async def validate(self, req: GenerationRequest) -> None:
-        await self._call("validate", req=req.to_dict())
+        reply = await self._call(wire.Detokenize(id=_rid(), ids=ids))
+        assert isinstance(reply, wire.Text)
+        return reply.text
 
     async def stats(self) -> dict[str, Any]:
-        return await self._call("stats") if self.alive else {}
+        if not self.alive:
+            return {}
+        reply = await self._call(wire.Stats(id=_rid()))
+        assert isinstance(reply, wire.StatsOut)
+        return reply.stats
 
     async def unload(self, timeout: float = 10.0) -> None:
         pipes, self._pipes = self._pipes, None
         if pipes is None or pipes.transport is None:
             return
-        self._dead = self._dead or "the model was unloaded"
+        self._dead = self._dead or EngineUnavailable("the model was unloaded")
         if not pipes.closed.done():
             try:
                 assert self._stdin is not None
@@ -287,65 +316,72 @@ class WorkerBackend(Backend):
 
 # -- the worker process ----------------------------------------------------------
 
+def _rid() -> str:
+    return uuid.uuid4().hex
+
+
 def main() -> None:
     proto = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything the engine prints goes to stderr, never into the protocol
     sys.stdout = sys.stderr
-    logging.basicConfig(level=os.environ.get("KILN_WORKER_LOG", "WARNING"), stream=sys.stderr)
+    logging.basicConfig(level=os.environ.get("KILN_WORKER_LOG", "WARNING"), stream=sys.stderr,
+                        format=_LOG_FORMAT)
     lock = threading.Lock()
 
-    def send(msg: dict[str, Any]) -> None:
-        line = orjson.dumps(msg, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+    def send(msg: wire.FromWorker) -> None:
+        line = wire.encode(msg) + b"\n"
         with lock:
             proto.write(line)
             proto.flush()
 
-    first = orjson.loads(sys.stdin.readline() or "{}")
-    if first.get("op") != "load":
+    try:
+        first = wire.to_worker(sys.stdin.buffer.readline())
+    except Exception as e:  # noqa: BLE001 - a gateway of another version, or none
+        send(wire.Fatal(error=f"the worker could not read its load message: {e}"))
         return
-    spec = ModelSpec(**first["spec"])
+    if not isinstance(first, wire.Load):
+        return
+    if first.version != wire.VERSION:
+        send(wire.Fatal(error=f"the gateway speaks protocol version {first.version}, the worker {wire.VERSION}"))
+        return
+    spec = first.spec
     from backends.registry import engine_class
 
     try:
-        cls = engine_class(spec.backend)
-        engine = cls(spec)
+        engine = engine_class(spec.backend)(spec)
     except Exception as e:  # noqa: BLE001 - reported to the gateway, which decides
-        send({"op": "fatal", "error": str(e) or type(e).__name__})
+        send(wire.Fatal(error=str(e) or type(e).__name__))
         return
-    send({"op": "ready", "info": engine.info(), "capabilities": dataclasses.asdict(cls.capabilities)})
+    send(wire.Ready(info=engine.info()))
 
-    def reply(rid: str, fn: Any, *args: Any) -> None:
+    def reply(rid: str, call: Callable[[], wire.Reply]) -> None:
         try:
-            result = fn(*args)
-            if dataclasses.is_dataclass(result):
-                result = dataclasses.asdict(result)
-            send({"id": rid, "result": result})
-        except InvalidRequest as e:
-            send({"id": rid, "error": str(e)})
-        except Exception as e:  # noqa: BLE001
-            log.exception("%s failed", fn)
-            send({"id": rid, "error": f"{type(e).__name__}: {e}"})
+            send(call())
+        except Exception as e:  # noqa: BLE001 - the call's error goes back with its kind
+            if wire.kind_of(e) == "engine":
+                log.exception("%s failed", call)
+            send(wire.error_of(rid, e))
+
+    def in_thread(rid: str, call: Callable[[], wire.Reply]) -> None:
+        threading.Thread(target=reply, args=(rid, call), daemon=True).start()
 
     try:
-        for line in sys.stdin:
-            msg = orjson.loads(line)
-            op, rid = msg.get("op"), msg.get("id", "")
-            if op == "generate":
-                req = GenerationRequest.from_dict(msg["req"])
-                engine.submit(req, lambda c, rid=rid: send({"id": rid, "chunk": c.to_dict()}))
-            elif op == "cancel":
-                engine.cancel(rid)
-            elif op == "tokenize":
-                threading.Thread(target=reply, args=(rid, engine.tokenize, msg["text"]), daemon=True).start()
-            elif op == "detokenize":
-                threading.Thread(target=reply, args=(rid, engine.detokenize, msg["ids"]), daemon=True).start()
-            elif op == "embed":
-                threading.Thread(target=reply, args=(rid, engine.embed, msg["texts"]), daemon=True).start()
-            elif op == "validate":
-                req = GenerationRequest.from_dict(msg["req"])
-                threading.Thread(target=reply, args=(rid, engine.validate, req), daemon=True).start()
-            elif op == "stats":
-                reply(rid, engine.stats)
+        for line in sys.stdin.buffer:
+            msg = wire.to_worker(line)
+            if isinstance(msg, wire.Generate):
+                engine.submit(msg.req, lambda c, rid=msg.id: send(wire.ChunkOut(id=rid, chunk=c)))
+            elif isinstance(msg, wire.Cancel):
+                engine.cancel(msg.id)
+            elif isinstance(msg, wire.Prepare):
+                in_thread(msg.id, lambda m=msg: wire.Tokens(id=m.id, ids=engine.prepare(m.req)))
+            elif isinstance(msg, wire.Tokenize):
+                in_thread(msg.id, lambda m=msg: wire.Tokens(id=m.id, ids=engine.tokenize(m.text)))
+            elif isinstance(msg, wire.Detokenize):
+                in_thread(msg.id, lambda m=msg: wire.Text(id=m.id, text=engine.detokenize(m.ids)))
+            elif isinstance(msg, wire.Embed):
+                in_thread(msg.id, lambda m=msg: wire.Vectors(id=m.id, embeddings=engine.embed(m.texts)))
+            elif isinstance(msg, wire.Stats):
+                reply(msg.id, lambda m=msg: wire.StatsOut(id=m.id, stats=engine.stats()))
     finally:
         engine.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.base import BackendError, InvalidRequest
+from backends.base import BackendError, EngineUnavailable, InvalidRequest
 from backends.store import InvalidName, ModelNotFound
 
 
@@ -107,7 +107,9 @@ def classify(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         return 404, str(exc), {}
     if isinstance(exc, InvalidName | InvalidRequest):
         return 400, str(exc), {}
-    if isinstance(exc, BackendError):
+    if isinstance(exc, EngineUnavailable):
+        return 503, str(exc), {}
+    if isinstance(exc, BackendError):  # the engine failed: its own words
         return 500, str(exc), {}
     return 500, f"internal error: {type(exc).__name__}", {}
 

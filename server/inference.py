@@ -297,14 +297,14 @@ class Service:
             log.warning("%s: num_ctx %d asked; using %d: %s", p.manifest.name, asked, ctx, why)
         elif not asked and trained and ctx < trained:
             why = self.scheduler.context_for(p.manifest, None)[1]  # the memory budget, if it was that
-        n, exact = await self._count(runner, p.request.prompt, ctx)
+        n, ids = await self._count(runner, p.request, ctx)
         trace = p.inference.trace if p.inference.trace is not None else {}
         trace["prompt_tokens"] = n  # the access log shows it, refused or not
         if n == 0:
             raise BadRequest("the prompt is empty after templating")
         inf, dropped = p.inference, 0
         truncate = inf.truncate if inf.truncate is not None else p.policy.context_overflow == "truncate"
-        limit = int(runner.info.get("max_prompt_len") or 0)  # the NPU's compiled prompt limit
+        limit = runner.info.max_prompt_len or 0  # the NPU's compiled prompt limit
 
         def over(k: int) -> bool:
             return k >= ctx or bool(limit and k > limit)
@@ -316,33 +316,35 @@ class Service:
             del inf.messages[turns[0]]
             dropped += 1
             p.request.prompt = p.prefix + await self.render(p.manifest, inf, p.fns)
-            n, exact = await self._count(runner, p.request.prompt, ctx)
+            n, ids = await self._count(runner, p.request, ctx)
         if dropped:
             p.notes.append(f"dropped the {dropped} oldest message(s) to fit num_ctx={ctx}")
             log.info("%s: dropped the %d oldest message(s) to fit num_ctx=%d", p.manifest.name, dropped, ctx)
             trace["prompt_tokens"] = n
-        param = "messages" if inf.messages is not None else "prompt"
+        param, exact = "messages" if inf.messages is not None else "prompt", ids is not None
         if limit and n > limit:
             raise ContextOverflow(n, limit, trained, exact=exact, param=param,
                                   compiled=npu_recompile_command(runner, n))
         if n >= ctx:
             raise ContextOverflow(n, ctx, trained, asked=asked, why=why, exact=exact,
                                   param=param)
-        if p.request.constrained:
-            await runner.backend.validate(p.request)
+        p.request.tokens = ids  # the engine generates from these: the prompt is tokenized once
         return n
 
     @staticmethod
-    async def _count(runner: Runner, text: str, ctx: int) -> tuple[int, bool]:
-        """(tokens, exact): the prompt's token count, or for one whose size alone shows
-        it cannot fit, a lower bound without tokenizing it (a token covers at most
-        ``max_token_bytes`` bytes): tokenizing megabytes only to refuse them held a slot."""
-        per_token = runner.info.get("max_token_bytes")
+    async def _count(runner: Runner, req: GenerationRequest, ctx: int) -> tuple[int, list[int] | None]:
+        """(tokens, ids): the prompt's token ids from the engine's one ``prepare`` call
+        (which also checks its grammar); or, for a
+        prompt whose size alone shows it cannot fit, a lower bound of the count and no ids,
+        without tokenizing (a token covers at most ``max_token_bytes`` bytes): tokenizing
+        megabytes only to refuse them held a slot."""
+        per_token = runner.info.max_token_bytes
         if per_token:
-            size = len(text.encode("utf-8", "surrogatepass"))
+            size = len(req.prompt.encode("utf-8", "surrogatepass"))
             if size > ctx * per_token:
-                return size // per_token, False
-        return len(await runner.backend.tokenize(text)), True
+                return size // per_token, None
+        ids = await runner.backend.prepare(req)
+        return len(ids), ids
 
     async def count_tokens(self, inf: Inference) -> int:
         """The tokens of the prompt ``inf`` renders to, template and tool definitions
@@ -366,6 +368,8 @@ class Service:
         m = self.store.get(model)
         resolve(m.parameters, options or {})
         async with self.scheduler.use(m, keep_alive=keep_alive) as lease:
+            if texts and not lease.runner.backend.capabilities.embeddings:
+                raise BadRequest(f"the {m.backend} backend does not compute embeddings")
             result = await lease.runner.backend.embed(texts) if texts else None
         return Embedded(result.vectors if result else [], result.prompt_tokens if result else 0,
                         time.monotonic_ns() - t0, lease.load_ns)
@@ -518,7 +522,7 @@ def npu_recompile_command(runner: Runner, n_tokens: int) -> str:
     the model's trained context cannot hold it."""
     m, info = runner.manifest, runner.info
     need = npu_prompt_size(n_tokens, m.extra.get("prefill_chunk_size"))
-    response = int(info.get("min_response_len") or m.extra.get("min_response_len") or 0)
+    response = int(info.details.get("min_response_len") or m.extra.get("min_response_len") or 0)
     if m.context_length and need + response > m.context_length:
         return ""
     source = m.extra.get("source") or m.source.split(":", 1)[-1] or "SOURCE"

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import KV_CACHE_TYPES, Backend, BackendError, InvalidRequest, ModelSpec
+from backends.base import KV_CACHE_TYPES, Backend, BackendError, EngineInfo, InvalidRequest, ModelSpec
 from backends.store import Manifest, ModelStore
 from backends.worker import WorkerBackend
 from server.durations import FOREVER, MAX_KEEP_ALIVE, parse_duration
@@ -58,7 +58,7 @@ class Runner:
     manifest: Manifest
     spec: ModelSpec
     backend: Backend
-    info: dict[str, Any] = field(default_factory=dict)
+    info: EngineInfo
     refcount: int = 0
     keep_alive: float = 300.0
     expires_at: float = FOREVER  # wall-clock seconds
@@ -73,15 +73,16 @@ class Runner:
     @property
     def num_ctx(self) -> int:
         """Context per request: what the engine reports (a static NPU pipeline has its own)."""
-        return int(self.info.get("num_ctx") or self.spec.num_ctx)
+        return self.info.num_ctx or self.spec.num_ctx
 
     @property
     def num_parallel(self) -> int:
-        return int(self.info.get("num_parallel") or self.spec.num_parallel)
+        return self.info.num_parallel or self.spec.num_parallel
 
     @property
     def size(self) -> int:
-        return int(self.info.get("model_bytes") or self.manifest.size) + int(self.info.get("kv_bytes") or 0)
+        """What it holds in memory: weights and KV cache, as the engine reports them."""
+        return (self.info.model_bytes or self.manifest.size) + self.info.kv_bytes
 
     @property
     def expires_at_rfc3339(self) -> str:
@@ -255,7 +256,7 @@ class Scheduler:
             if runner is not None:
                 if not runner.backend.alive:
                     log.warning("%s: worker is gone (%s); restarting", m.name,
-                                getattr(runner.backend, "_dead", "exited"))
+                                getattr(runner.backend, "dead_reason", None) or "exited")
                     self.restarts += 1
                     self._emit("restart", runner, 0.0)
                     await self._unload(runner)
@@ -291,7 +292,7 @@ class Scheduler:
             runner = Runner(key, m, spec, backend, info=info,
                             keep_alive=self.default_keep_alive, load_ns=time.monotonic_ns() - t0)
             self.runners[key] = runner
-            log.info("%s: loaded in %.2fs (%s)", m.name, runner.load_ns / 1e9, info.get("device", "?"))
+            log.info("%s: loaded in %.2fs (%s)", m.name, runner.load_ns / 1e9, info.device)
             self._emit("load", runner, runner.load_ns / 1e9)
             return runner, runner.load_ns
 

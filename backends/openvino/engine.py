@@ -16,11 +16,12 @@ from backends.base import (
     Capabilities,
     Emit,
     Engine,
+    EngineInfo,
     GenerationRequest,
     InvalidRequest,
     ModelSpec,
 )
-from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN,
+from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN, Needs,
                                       _Request, npu_prefill_properties, npu_prompt_size, short_error)
 from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 
@@ -35,7 +36,7 @@ class OpenVINOEngine(Engine):
     # step(), and one that fails to compile makes that and every later step() of the
     # pipeline fail (probed on 2026.4.1); there is no way to check a grammar first
     # without the xgrammar package, which needs torch.
-    capabilities = Capabilities(batching=True, tokenize=True, grammar=False, embeddings=False)
+    capabilities = Capabilities(batching=True, grammar=False, embeddings=False)
 
     def __init__(self, spec: ModelSpec) -> None:
         import openvino_genai as ov_genai  # imported here: the gateway never loads OpenVINO
@@ -86,7 +87,8 @@ class OpenVINOEngine(Engine):
         self.load_seconds = round(time.monotonic() - t0, 3)
         self.tokenizer = self._runner.tokenizer
         self._bos = self._bos_prefix()
-        self._runner.start(self)
+        self._runner.start(Needs(spec.name, ov_genai, self.tokenize,
+                                 lambda req, max_new: self.generation_config(req, max_new), self._too_long))
 
     # -- loading -------------------------------------------------------------------
     def _gguf_link(self, blob: Path) -> Path:
@@ -234,12 +236,11 @@ class OpenVINOEngine(Engine):
         if self.pipeline == "npu_static" and n_tokens > self.max_prompt_len:
             raise InvalidRequest(self._too_long(n_tokens))
 
-    def validate(self, req: GenerationRequest) -> None:
+    def prepare(self, req: GenerationRequest) -> list[int]:
         """What the gateway asks before streaming, to answer 400 rather than fail midway."""
         if req.constrained:
             raise InvalidRequest(NO_GRAMMAR)
-        if self.pipeline == "npu_static":
-            self.check_prompt(len(self.tokenize(req.prompt)))
+        return self.tokenize(req.prompt)  # the gateway compares its length with info().max_prompt_len
 
     def _too_long(self, n: int) -> str:
         source = (self.spec.extra or {}).get("source") or "SOURCE"
@@ -273,7 +274,7 @@ class OpenVINOEngine(Engine):
             c.repetition_penalty = float(s.repeat_penalty)
         c.presence_penalty = float(s.presence_penalty)
         c.frequency_penalty = float(s.frequency_penalty)
-        if req.constrained:  # also here: submit() may come without validate()
+        if req.constrained:  # also here: submit() may come without prepare()
             raise InvalidRequest(NO_GRAMMAR)
         c.validate()
         return c
@@ -291,9 +292,8 @@ class OpenVINOEngine(Engine):
         if self._runner is not None:
             self._runner.cancel(req_id)
 
-    def info(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "device": self.device,
+    def info(self) -> EngineInfo:
+        details: dict[str, Any] = {
             "devices": self.devices,
             "fallbacks": list(self.fallbacks),
             "pipeline": self.pipeline,
@@ -301,17 +301,17 @@ class OpenVINOEngine(Engine):
             "load_seconds": self.load_seconds,
             "cache": self.cache,
         }
-        if self.pipeline == "npu_static":
-            d.update(max_prompt_len=self.max_prompt_len, min_response_len=self.min_response_len,
-                     num_ctx=self.max_prompt_len + self.min_response_len, num_parallel=1,
-                     prefill=(f"chunks of {self.prefill_chunk}" if self.prefill_chunk
-                              else "static" if self.prefill_chunk == 0 else "openvino default"))
-            if self.npuw_devices:
-                d["npuw_devices"] = self.npuw_devices
-        elif isinstance(self._runner, _ContinuousBatching):
-            d.update(num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs,
-                     kv_cache_bytes=self._runner.kv_cache_bytes)
-        return d
+        if isinstance(self._runner, _ContinuousBatching):
+            return EngineInfo(device=self.device or "", num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs,
+                              capabilities=self.capabilities, kv_bytes=self._runner.kv_cache_bytes, details=details)
+        details["min_response_len"] = self.min_response_len
+        details["prefill"] = (f"chunks of {self.prefill_chunk}" if self.prefill_chunk
+                              else "static" if self.prefill_chunk == 0 else "openvino default")
+        if self.npuw_devices:
+            details["npuw_devices"] = self.npuw_devices
+        return EngineInfo(device=self.device or "", num_ctx=self.max_prompt_len + self.min_response_len,
+                          num_parallel=1, capabilities=self.capabilities, max_prompt_len=self.max_prompt_len,
+                          details=details)
 
     def stats(self) -> dict[str, Any]:
         return self._runner.stats() if self._runner else {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from backends.base import Chunk, Emit, FinishReason, GenerationRequest, Usage
@@ -32,6 +34,23 @@ def npu_prefill_properties(chunk: int | None) -> dict[str, object]:
     if chunk == 0:
         return {"PREFILL_HINT": "STATIC"}
     return {"PREFILL_HINT": "DYNAMIC", "NPUW_LLM_PREFILL_CHUNK_SIZE": chunk}
+
+
+@dataclass
+class Needs:
+    """What a runner needs of its engine, and nothing more (runners.py does not import
+    the engine): the model's name, OpenVINO GenAI, the tokenizer, a request's
+    ``GenerationConfig``, and the NPU's "prompt too long" message."""
+
+    name: str
+    ov_genai: Any
+    tokenize: Callable[[str], list[int]]
+    config: Callable[[GenerationRequest, int], Any]
+    too_long: Callable[[int], str]
+
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The ids the gateway sent (``Backend.prepare``), else the prompt's own."""
+        return list(req.tokens) if req.tokens is not None else self.tokenize(req.prompt)
 
 
 def short_error(e: BaseException, limit: int = 400) -> str:

@@ -6,13 +6,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backends.base import BackendError, FinishReason, InvalidRequest
-from backends.openvino.request import _Request, short_error
-
-if TYPE_CHECKING:
-    from backends.openvino.engine import OpenVINOEngine
+from backends.openvino.request import Needs, _Request, short_error
 
 log = logging.getLogger("kiln.openvino")
 
@@ -24,13 +21,13 @@ class _Runner:
     base_config: Any
 
     def __init__(self) -> None:
-        self.engine: OpenVINOEngine | None = None
+        self.engine: Needs | None = None
         self.thread: threading.Thread | None = None
         self.active: dict[str, _Request] = {}
 
-    def start(self, engine: OpenVINOEngine) -> None:
+    def start(self, engine: Needs) -> None:
         self.engine = engine
-        self.thread = threading.Thread(target=self.loop, name=f"ov-{engine.spec.name}", daemon=True)
+        self.thread = threading.Thread(target=self.loop, name=f"ov-{engine.name}", daemon=True)
         self.thread.start()
 
     def loop(self) -> None:
@@ -52,7 +49,7 @@ class _Runner:
         """Tokenizes, caps max_new_tokens to what is left of ``room`` and builds the
         config; None if the request was finished here instead."""
         assert self.engine is not None
-        ids = self.engine.tokenize(st.req.prompt) if ids is None else ids
+        ids = self.engine.prompt_ids(st.req) if ids is None else ids
         st.prompt_tokens = len(ids)
         left = room - len(ids)
         if left <= 0:
@@ -66,7 +63,7 @@ class _Runner:
         if asked is None or asked > left:
             st.capped_by = f"{what} is full ({room} tokens)"
         try:
-            cfg = self.engine.generation_config(st.req, st.max_new)
+            cfg = self.engine.config(st.req, st.max_new)
         except InvalidRequest as e:
             st.fail(str(e))
             return None
@@ -128,7 +125,8 @@ class _ContinuousBatching(_Runner):
         import numpy as np
         import openvino as ov
 
-        g = self.engine.ov_genai  # type: ignore[union-attr]
+        assert self.engine is not None
+        g = self.engine.ov_genai
         while True:
             busy = bool(self.active) or (self.pipe is not None and self.pipe.has_non_finished_requests())
             if not busy:  # what the last step reported is over: nothing is left in the pipeline
@@ -288,10 +286,10 @@ class _NpuStatic(_Runner):
         engine = self.engine
         assert engine is not None
         g = engine.ov_genai
-        ids = engine.tokenize(st.req.prompt)
+        ids = engine.prompt_ids(st.req)
         if len(ids) > self.max_prompt_len:  # the backstop for a gateway that did not check first
             st.prompt_tokens = len(ids)
-            st.fail(engine._too_long(len(ids)))
+            st.fail(engine.too_long(len(ids)))
             return
         capacity = self.max_prompt_len + self.min_response_len
         prepared = self.prepare(st, capacity, "the NPU's KV cache (MAX_PROMPT_LEN + MIN_RESPONSE_LEN)", ids)

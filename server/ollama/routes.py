@@ -155,8 +155,8 @@ async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
         return await remote.show(service, body.target, verbose=bool(body.verbose))
     out = models.show(service.store, body.target, verbose=bool(body.verbose))
     runner = service.scheduler.runners.get(ModelName.parse(body.target).display.lower())
-    if runner is not None and runner.info.get("fallbacks"):
-        out.setdefault("kiln", {})["runtime"] = _public_info(runner.info)
+    if runner is not None and runner.info.details.get("fallbacks"):
+        out.setdefault("kiln", {})["runtime"] = runner.info.public()
     # model_info has the trained context (<arch>.context_length, what `ollama show` prints);
     # kiln adds the context a request gets by default: the loaded one, or what a load would give.
     ctx, why = service.scheduler.context_for(service.store.get(body.target), None)
@@ -170,10 +170,6 @@ async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
     return out
 
 
-def _public_info(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if not k.startswith("_")}
-
-
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
     out = []
@@ -182,7 +178,7 @@ async def ps(request: Request) -> dict[str, Any]:
                  "details": translate.details(r.manifest), "expires_at": r.expires_at_rfc3339,
                  "size_vram": 0, "context_length": r.num_ctx}
         # kiln's own fields (clients ignore unknown keys): device, fallbacks, requests in flight
-        entry["kiln"] = {**_public_info(r.info), "backend": r.manifest.backend, "requests": r.refcount,
+        entry["kiln"] = {**r.info.public(), "backend": r.manifest.backend, "requests": r.refcount,
                          "num_parallel": r.num_parallel}
         out.append(entry)
     return {"models": out + await remote.ps_entries(_service(request))}

@@ -47,9 +47,9 @@ async def _collect(b: InProcessBackend, req: GenerationRequest) -> tuple[str, li
     return "".join(c.text for c in chunks), chunks
 
 
-def generate(b: InProcessBackend, prompt: str, grammar: str | None = None,
+def generate(b: InProcessBackend, prompt: str, schema: dict | None = None,
              **sampling) -> tuple[str, list[Chunk]]:
-    req = GenerationRequest(prompt=prompt, grammar=grammar, sampling=SamplingParams(**sampling))
+    req = GenerationRequest(prompt=prompt, json_schema=schema, sampling=SamplingParams(**sampling))
     return asyncio.run(_collect(b, req))
 
 
@@ -98,7 +98,7 @@ def test_chat_prompt_generates_text_and_usage(backend):
 
 
 def test_info_and_tokenize(backend):
-    info = backend.engine.info()
+    info = backend.engine.info().public()
     assert info["device"] == "cpu" and info["num_ctx"] == NUM_CTX and info["num_parallel"] == 4
     assert info["kv_bytes"] > 0 and info["model_bytes"] > 0 and info["n_threads"] > 0
     assert isinstance(info["system_info"], str) and info["system_info"]
@@ -282,16 +282,16 @@ def test_embeddings(backend):
 
 def test_grammar_constrains_output(backend):
     for seed in (1, 2, 3):
-        text, chunks = generate(backend, chat("Is the sky blue?"), grammar='root ::= "yes" | "no"',
+        text, chunks = generate(backend, chat("Is the sky blue?"), schema={"enum": ["yes", "no"]},
                                 temperature=0.8, seed=seed, max_tokens=20)
         assert check_stream(chunks).finish_reason == FinishReason.STOP
-        assert text in ("yes", "no")
+        assert text in ('"yes"', '"no"')
 
 
 def test_invalid_grammar_is_an_error(backend):
-    _, chunks = generate(backend, chat("Hi"), grammar="root ::= undefined_rule", temperature=0)
+    _, chunks = generate(backend, chat("Hi"), schema={"type": "string", "pattern": "x"}, temperature=0)
     last = check_stream(chunks)
-    assert last.finish_reason == FinishReason.ERROR and "grammar" in last.detail
+    assert last.finish_reason == FinishReason.ERROR and "schema" in last.detail
     wait_idle(backend)
 
 
@@ -311,8 +311,8 @@ def test_context_full_ends_with_length():
     try:
         prompt = "hello " * 200
         n_prompt = len(engine.tokenize(prompt))
-        # A grammar that never completes: the model cannot end the text itself.
-        chunks = run_engine(engine, GenerationRequest(prompt=prompt, grammar='root ::= "x" root',
+        # A string longer than the context: the model cannot end the text itself.
+        chunks = run_engine(engine, GenerationRequest(prompt=prompt, json_schema={"type": "string", "minLength": 4096},
                                                       sampling=SamplingParams(temperature=0)))
         last = check_stream(chunks)
         assert last.finish_reason == FinishReason.LENGTH
@@ -392,7 +392,7 @@ def test_num_ctx_above_trained_context_is_capped(caplog):
     with caplog.at_level(logging.WARNING, logger="kiln.llamacpp"):
         engine = LlamaCppEngine(spec)
     try:
-        assert engine.info()["num_ctx"] == 8192
+        assert engine.info().num_ctx == 8192
         assert any("trained context" in r.getMessage() for r in caplog.records)
     finally:
         engine.close()
@@ -427,9 +427,9 @@ def test_q8_0_kv_cache_halves_the_memory_and_still_answers(backend):
 
     b = InProcessBackend(LlamaCppEngine, ModelSpec(name="smollm2-q8", path=model_path(), num_ctx=NUM_CTX,
                                                    num_parallel=1, extra={"kv_cache_type": "q8_0"}))
-    info = asyncio.run(b.load())
+    info = asyncio.run(b.load()).public()
     try:
-        f16 = backend.engine.info()
+        f16 = backend.engine.info().public()
         assert info["kv_cache_type"] == "q8_0" and f16["kv_cache_type"] == "f16"
         per_cell_q8 = info["kv_bytes"] / (info["num_ctx"] * info["num_parallel"])
         per_cell_f16 = f16["kv_bytes"] / (f16["num_ctx"] * f16["num_parallel"])

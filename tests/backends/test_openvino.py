@@ -122,7 +122,8 @@ def npu(compiled: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> A
 
 # -- the GGUF, continuous batching on CPU -----------------------------------------------
 def test_gguf_falls_back_to_cpu_and_says_why(gguf_cb: InProcessBackend) -> None:
-    info = gguf_cb.engine.info()
+    info = gguf_cb.engine.info().public()
+    assert info["kv_bytes"] > 0  # what /api/ps adds to the model's size
     assert info["device"] == "CPU" and info["pipeline"] == "continuous_batching"
     reasons = {f["device"]: f["error"] for f in info["fallbacks"]}
     assert "GGUF" in reasons["NPU"] and "kiln compile" in reasons["NPU"]
@@ -187,9 +188,11 @@ def test_gguf_four_concurrent_requests_keep_their_own_options(gguf_cb: InProcess
 
 def test_gguf_grammar_is_refused_without_harm(gguf_cb: InProcessBackend) -> None:
     assert not gguf_cb.capabilities.grammar
-    bad = GenerationRequest("Hello", SamplingParams(max_tokens=5), grammar="root ::= (((")
+    bad = GenerationRequest("Hello", SamplingParams(max_tokens=5), json_schema={"type": "object"})
     with pytest.raises(InvalidRequest, match="grammar"):
-        asyncio.run(gguf_cb.validate(bad))  # the gateway's 400, before streaming
+        asyncio.run(gguf_cb.prepare(bad))  # the gateway's 400, from the declared capabilities
+    with pytest.raises(InvalidRequest, match="grammar"):
+        gguf_cb.engine.prepare(bad)  # and the engine's own
     text, last, _ = run(gguf_cb, bad)
     assert last.finish_reason == FinishReason.ERROR and "grammar" in last.detail
     text, last, _ = run(gguf_cb, req("1, 2, 3, 4, 5,", max_tokens=8))  # the batch is unharmed
@@ -287,7 +290,7 @@ def test_compiled_ir_on_cpu_with_continuous_batching(compiled: dict[str, Any]) -
     b = load(ModelSpec(name="ir-cpu", path=str(compiled["dir"]), backend="openvino", devices=["CPU"],
                        num_ctx=512, num_parallel=2))
     try:
-        info = b.engine.info()
+        info = b.engine.info().public()
         assert info["pipeline"] == "continuous_batching" and info["format"] == "openvino"
         text, last, chunks = run(b, req("1, 2, 3, 4, 5,", max_tokens=8))
         check_final(chunks)
@@ -299,7 +302,7 @@ def test_compiled_ir_on_cpu_with_continuous_batching(compiled: dict[str, Any]) -
 
 @needs_compile
 def test_npu_second_load_imports_the_blob(npu: InProcessBackend, compiled: dict[str, Any]) -> None:
-    info = npu.engine.info()
+    info = npu.engine.info().public()
     first = compiled["manifest"].extra["npu_first_load_s"]
     print(f"\nNPU (NPUW on CPU): first load {first:.1f}s at compile, this load {info['load_seconds']:.1f}s "
           f"({info['cache']})")
@@ -343,8 +346,7 @@ def test_npu_prompt_over_max_prompt_len_is_refused(npu: InProcessBackend) -> Non
     assert f"{n} tokens" in msg and "MAX_PROMPT_LEN=256" in msg
     assert "kiln compile" in msg and "--name smollm2-npu:135m" in msg and "--max-prompt-len" in msg
     npu.engine.check_prompt(256)  # the limit itself is fine
-    with pytest.raises(InvalidRequest, match="MAX_PROMPT_LEN=256"):
-        asyncio.run(npu.validate(req(long)))
+    assert npu.engine.info().max_prompt_len == 256  # what the gateway checks a prompt against
     text, last, _ = run(npu, req(long))  # a gateway that did not check: the backstop
     assert last.finish_reason == FinishReason.ERROR and "MAX_PROMPT_LEN=256" in last.detail
 
@@ -356,7 +358,7 @@ def test_npu_full_kv_cache_ends_length_never_silently(compiled: dict[str, Any]) 
     extra = {**m.extra, "max_prompt_len": 64, "min_response_len": 16}
     b = load(ModelSpec(name=m.name, path=str(compiled["dir"]), backend="openvino", devices=["NPU"], extra=extra))
     try:
-        assert "blob built for other" in b.engine.info()["cache"]
+        assert "blob built for other" in b.engine.info().details["cache"]
         prompt = ", ".join(str(i) for i in range(1, 16)) + ","  # counting never ends by itself
         n = len(b.engine.tokenize(prompt))
         assert n < 64

@@ -226,7 +226,7 @@ def test_generation_parses_and_validates(backend, case):
 def test_unenforceable_schema_is_an_invalid_request(backend):
     req = GenerationRequest(prompt=chat("hi"), json_schema={"type": "string", "pattern": "^a+$"})
     with pytest.raises(InvalidRequest, match="the JSON schema cannot be enforced: 'pattern'"):
-        backend.engine.validate(req)
+        backend.engine.prepare(req)
 
 
 def test_grammar_cost_per_token(backend, oracle, capsys):

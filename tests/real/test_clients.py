@@ -225,6 +225,24 @@ def test_concurrent_requests_keep_their_own_output(server):
         assert not any(other in r.response for other in jobs if other != word), (word, r.response)
 
 
+def test_ps_size_counts_the_kv_cache(server, oc):
+    """``/api/ps`` size is the weights and the KV cache the engine allocated (OpenVINO's
+    was once left out: its engine reported ``kv_cache_bytes``, the scheduler read ``kv_bytes``)."""
+    backend = os.environ.get("KILN_CONFORMANCE_BACKEND", "llamacpp")
+    if backend == "upstream":
+        pytest.skip("an upstream's memory is its own")
+    oc.generate(model=MODEL, prompt="Say hi.", options={**GREEDY, "num_predict": 1})
+    entry = ps_entry(server)
+    assert entry is not None
+    kv, weights = entry["kiln"]["kv_bytes"], entry["kiln"].get("model_bytes") or 0
+    print(f"\n/api/ps on {backend}: size {entry['size']} = weights {entry['size'] - kv} + KV cache {kv}")
+    if backend != "openvino-npu":  # the NPU's static KV cache is not reported by OpenVINO
+        assert kv > 0
+    if weights:  # the engine knows its weights' size (llama.cpp); else the model's files count
+        assert entry["size"] == weights + kv
+    assert entry["size"] > kv
+
+
 def test_disconnect_mid_stream_frees_the_slot(server, oc):
     body = {"model": MODEL, "prompt": "Write a very long story about a dragon.", "options": {"num_predict": 2000}}
     with httpx.Client(base_url=server.url, timeout=120) as client:

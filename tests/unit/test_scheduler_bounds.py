@@ -9,6 +9,7 @@ import datetime as dt
 
 import pytest
 
+from backends.base import EngineInfo
 from backends.store import FileRef, Manifest, ModelStore
 from server.scheduler import FOREVER, MAX_KEEP_ALIVE, InsufficientMemory, Runner, Scheduler, parse_duration
 from server.settings import Settings
@@ -22,9 +23,9 @@ class _Backend:
     def __init__(self, size: int) -> None:
         self.size, self.alive, self.unloaded = size, False, False
 
-    async def load(self) -> dict:
+    async def load(self) -> EngineInfo:
         self.alive = True
-        return {"model_bytes": self.size, "kv_bytes": 0, "num_ctx": 2048, "num_parallel": 1}
+        return EngineInfo(device="test", num_ctx=2048, num_parallel=1, model_bytes=self.size)
 
     async def unload(self) -> None:
         self.alive, self.unloaded = False, True
