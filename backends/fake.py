@@ -135,10 +135,10 @@ class FakeEngine(Engine):
 
     def info(self) -> EngineInfo:
         # extra["info"]: what a real engine would report (an NPU's compiled limits, say)
-        fields = {"kv_bytes": 0, **self.spec.extra.get("info", {})}
+        fields = {"device": "fake", "num_ctx": self.spec.num_ctx, "num_parallel": self.spec.num_parallel,
+                  "capabilities": self.capabilities, **self.spec.extra.get("info", {})}
         details = {k: fields.pop(k) for k in list(fields) if k not in _INFO_FIELDS}
-        return EngineInfo(device="fake", num_ctx=self.spec.num_ctx, num_parallel=self.spec.num_parallel,
-                          capabilities=self.capabilities, details=details, **fields)
+        return EngineInfo(**fields, details=details)
 
     def stats(self) -> dict[str, Any]:
         return {"active": self.active}
