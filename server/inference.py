@@ -406,7 +406,7 @@ class _Run:
         self.stop_sequence: str | None = None
         config = p.policy.guard_config()
         if p.request.constrained:
-            config = dataclasses.replace(config, max_ngram_repeats=0)  # see server/guard.py
+            config = dataclasses.replace(config, max_ngram_repeats=0, max_line_repeats=0)  # see server/guard.py
         self.guard = LoopGuard(config)
         self.think = ThinkStream(p.request.prompt) if p.inference.think else None
         self.t_gen = time.monotonic_ns()

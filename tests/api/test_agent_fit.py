@@ -70,6 +70,37 @@ def test_loop_guard_checks_in_runs_of_pieces(make_client, fake_engine, tail, kep
     assert body["eval_count"] == len(words)
 
 
+RENUMBERED = "".join(f"{i}. The cat sat on the mat.\n" for i in range(1, 40))  # the story's loop
+
+
+def test_loop_guard_cuts_a_renumbered_list_ollama(make_client, fake_engine):
+    c = make_client()
+    fake_engine.enqueue(RENUMBERED)
+    r = c.post("/api/chat", json={"model": "smollm2:135m", "stream": False,
+                                  "messages": [{"role": "user", "content": "list"}]})
+    body = r.json()
+    assert body["done_reason"] == "length" and r.headers["x-kiln-finish-reason"] == "loop", body
+    assert "'the cat sat on the mat' 4 times in a row" in r.headers["x-kiln-finish-detail"]
+    # cut at the 4th item: the guard runs every 8 pieces, so the 5th may have begun
+    assert body["message"]["content"].startswith(RENUMBERED[:100]) and "\n6." not in body["message"]["content"]
+
+
+def test_loop_guard_cuts_a_renumbered_list_openai(make_client, fake_engine):
+    c = make_client()
+    fake_engine.enqueue(RENUMBERED, RENUMBERED)
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "list"}]}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.json()["choices"][0]["finish_reason"] == "length" and r.headers["x-kiln-finish-reason"] == "loop"
+    assert r.json()["choices"][0]["message"]["content"].count("The cat sat") in (4, 5)
+    # streamed, the headers are gone before the loop: the last event says "length"
+    r = c.post("/v1/chat/completions", json={**body, "stream": True})
+    events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text.count("The cat sat") in (4, 5)
+    assert 'kiln_guardrail_stops_total{model="smollm2:135m",reason="loop"} 2.0' in c.get("/metrics").text
+
+
 def test_loop_guard_can_be_disabled(make_client, fake_engine):
     c = make_client(policy={"loop_guard": {"enabled": False}})
     fake_engine.enqueue("go " * 30)

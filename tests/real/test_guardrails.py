@@ -119,6 +119,36 @@ def test_loop_guard_stops_the_kiln_haiku(ol, server):
     assert 'kiln_guardrail_stops_total{model="smollm2:135m",reason="loop"}' in metrics
 
 
+# Greedy SmolLM2 on this prompt writes seven facts, then "8. Cats are known for their love
+# of music and their ability to play musical instruments." again and again, renumbered:
+# the loop of kiln's story, which the guard let run to the token limit before issue 12.
+LOOPING_LIST = [{"role": "user", "content": "Write a numbered list of 30 facts about cats."}]
+
+
+def test_loop_guard_cuts_a_renumbered_list_ollama(server):
+    r = httpx.post(server.url + "/api/chat", timeout=300, json={
+        "model": MODEL, "messages": LOOPING_LIST, "stream": False, "options": {"temperature": 0, "num_predict": 400}})
+    body = r.json()
+    assert body["done_reason"] == "length" and r.headers["x-kiln-finish-reason"] == "loop", body
+    assert "times in a row" in r.headers["x-kiln-finish-detail"]
+    assert body["eval_count"] < 300, body  # unguarded it runs on to the limit
+    # streamed (ollama-python): the same cut, in Ollama's words
+    last = list(ollama.Client(host=server.url).chat(model=MODEL, messages=LOOPING_LIST, stream=True,
+                                                    options={"temperature": 0, "num_predict": 400}))[-1]
+    assert last.done_reason == "length" and last.eval_count == body["eval_count"]
+
+
+def test_loop_guard_cuts_a_renumbered_list_openai(oa):
+    kw = dict(model=MODEL, messages=LOOPING_LIST, temperature=0, max_tokens=400)
+    raw = oa.chat.completions.with_raw_response.create(**kw)
+    reply = raw.parse()
+    assert reply.choices[0].finish_reason == "length" and raw.headers["x-kiln-finish-reason"] == "loop"
+    assert reply.usage.completion_tokens < 300
+    chunks = [c for c in oa.chat.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+
+
 # (Greedy SmolLM2 really does loop on "What is the capital of France?": "la femme au
 # roi, la femme au roi, ..."; the guard is right to stop that one.)
 @pytest.mark.parametrize("prompt", ["Name three primary colours.", "Explain in two sentences how bread rises.",
