@@ -3,7 +3,7 @@ rate on ordinary ones.
 
     python -m bench.guard_corpus                  # measure the committed corpus (no model needed)
     python -m bench.guard_corpus --sweep          # ... and at other line-check thresholds
-    python -m bench.guard_corpus --generate       # answer the prompts again, then measure
+    python -m bench.guard_corpus --generate       # answer new prompts (--all: every prompt), then measure
     python -m bench.guard_corpus --generate --url http://127.0.0.1:11434   # on a running kiln
 
 ``tests/data/guard_corpus.jsonl`` holds one answer a line: the bundled model's answers to
@@ -171,13 +171,15 @@ async def _answer(client: Any, url: str, prompt: str, temperature: float, seed: 
             "eval_count": body["eval_count"], "finish": r.headers.get("x-kiln-finish-reason")}
 
 
-async def generate(url: str) -> list[dict[str, Any]]:
-    """Every prompt's answers from the server at ``url`` (its loop guard must be off)."""
+async def generate(url: str, have: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The answers from the server at ``url`` (its loop guard must be off) to every prompt
+    whose id is not in ``have``."""
     import httpx
 
     jobs = [(f"model-{kind}-{i:02d}-t{t}", kind, prompt, t, i)
             for i, (kind, prompt) in enumerate(guard_cases.PROMPTS) for t in guard_cases.TEMPERATURES]
     jobs += [(f"loop-{kind}-{i:02d}", kind, prompt, 0.0, i) for i, (kind, prompt) in enumerate(guard_cases.LOOP_PROMPTS)]
+    jobs = [j for j in jobs if j[0] not in have]
     sem = asyncio.Semaphore(CONCURRENCY)
     done = 0
 
@@ -197,7 +199,7 @@ async def generate(url: str) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(j) for j in jobs)))
 
 
-def _serve_and_generate() -> list[dict[str, Any]]:
+def _serve_and_generate(have: frozenset[str]) -> list[dict[str, Any]]:
     from backends.bundled import smollm2_path
     from bench import servers
 
@@ -208,7 +210,7 @@ def _serve_and_generate() -> list[dict[str, Any]]:
         cfg = servers.Config(gguf=gguf, parallel=CONCURRENCY, ctx_per_seq=1024, work_dir=Path(tmp))
         target = servers.kiln(cfg, extra_env={"KILN_POLICY": json.dumps({"loop_guard": {"enabled": False}})})
         with servers.running(target, Path(tmp) / "logs") as srv:
-            return asyncio.run(generate(srv.url))
+            return asyncio.run(generate(srv.url, have))
 
 
 def build(model_entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -255,18 +257,21 @@ def for_review(entries: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.guard_corpus", description=__doc__.split("\n\n")[0])
     ap.add_argument("--generate", action="store_true", help="answer the prompts again with the bundled model")
+    ap.add_argument("--all", action="store_true", help="with --generate: answer every prompt again, not only new ones")
     ap.add_argument("--url", help="with --generate: a running kiln whose loop guard is off (else one is started)")
     ap.add_argument("--rebuild", action="store_true",
                     help="keep the model's answers, rebuild labels, hand-written and constructed entries")
     ap.add_argument("--review", action="store_true", help="print the model's answers worth a second look")
     ap.add_argument("--sweep", action="store_true", help="also measure other line-check thresholds")
     args = ap.parse_args(argv)
+    kept = [] if args.all or not CORPUS.exists() else [
+        {k: v for k, v in e.items() if k not in ("label", "note", "pieces")} for e in load() if e["source"] == "model"]
     if args.generate:
-        model = asyncio.run(generate(args.url.rstrip("/"))) if args.url else _serve_and_generate()
-        save(build(model))
+        have = frozenset(e["id"] for e in kept)
+        new = asyncio.run(generate(args.url.rstrip("/"), have)) if args.url else _serve_and_generate(have)
+        save(build(kept + new))
     elif args.rebuild:
-        save(build([{k: v for k, v in e.items() if k not in ("label", "note", "pieces")}
-                    for e in load() if e["source"] == "model"]))
+        save(build(kept))
     entries = load()
     if args.review:
         print(for_review(entries))

@@ -50,8 +50,8 @@ class LoopGuardConfig:
     max_run: int = 16
     max_period: int = 24
     cycle_tokens: int = 48
-    ngram: int = 3
-    max_ngram_repeats: int = 3
+    ngram: int = 4
+    max_ngram_repeats: int = 4
     window: int = 64
     max_line_repeats: int = 4  # 0: the line check is off
     max_line_period: int = 8
@@ -165,20 +165,20 @@ class LoopGuard:
             return
         self.bare.clear()
         terse = self.in_code or " " not in key
-        self.lines.append(("\0" if self.in_code else "") + key)
+        self.lines.append(key)
         self.times.append(self.c.max_code_line_repeats if terse else self.c.max_line_repeats)
         self._repeats(self.lines, self.times)
 
     def _repeats(self, lines: collections.deque[str], times_of: collections.deque[int] | list[int]) -> None:
         """Trips on the last line, or block of lines, repeated as many times as it takes
-        (a block: the most any of its lines takes)."""
+        (a block: the fewest any of its lines takes; "P.S.\nI hope you ..." is no answer key)."""
         t, n = list(lines), list(times_of)
         for p in range(1, self.c.max_line_period + 1):
-            times = max(n[-p:])
+            times = min(n[-p:])
             if len(t) < p * times:
                 continue
             tail = t[-p * times:]
             if all(tail[i] == tail[i - p] for i in range(p, len(tail))):
                 what = "line" if p == 1 else f"{p}-line block"
-                self.reason = f"the {what} {tail[-p].lstrip(chr(0))[:60]!r} {times} times in a row"
+                self.reason = f"the {what} {tail[-p][:60]!r} {times} times in a row"
                 return

@@ -32,13 +32,14 @@ def test_policy_refuses(make_client):
 
 def test_loop_guard_stops_with_its_reason(make_client, fake_engine):
     c = make_client()
-    fake_engine.enqueue("a place where the sky, a place where the sea, a place where the land, a place where it ends")
+    fake_engine.enqueue("a place where the sky, a place where the sea, a place where the land, a place where the "
+                        "air, a place where it ends")
     r = c.post("/api/generate", json={"model": "smollm2:135m", "prompt": "haiku", "stream": False})
     body = r.json()
     # Ollama has no "loop": the cut answer says "length"; kiln's reason is in the headers
     assert body["done_reason"] == "length" and r.headers["x-kiln-finish-reason"] == "loop"
     assert "a place where" in r.headers["x-kiln-finish-detail"]
-    assert body["response"].count("a place where") == 3 and "it ends" not in body["response"]
+    assert body["response"].count("a place where") in (4, 5) and "it ends" not in body["response"]
     metrics = c.get("/metrics").text
     assert 'kiln_guardrail_stops_total{model="smollm2:135m",reason="loop"} 1.0' in metrics
 

@@ -19,9 +19,10 @@ def feed(text: str, **config) -> tuple[int | None, str | None]:
 @pytest.mark.parametrize("text, phrase", [
     # SmolLM2 at temperature 0 on "Write a haiku about a kiln."
     ("In the heart of the earth, a kiln, a place where the very fabric of the world is woven, a place where the "
-     "very essence of life is revealed, a place where the light of the universe is reflected", "a place where"),
+     "very essence of life is revealed, a place where the light of the universe is reflected, a place where the "
+     "soul of the earth is revealed", "a place where the"),
     # ... and on "What is the capital of France?"
-    ("L'Étoile, la Marseillaise, la femme au roi, la femme au roi, la femme au roi, la femme au roi", "femme au"),
+    ("L'Étoile, la Marseillaise, la femme au roi, la femme au roi, la femme au roi, la femme au roi, la", "femme au"),
     ("no no no no no no no no no no no no no no no no no no no", "no no no"),
 ])
 def test_trips(text, phrase):
@@ -45,6 +46,10 @@ def test_trips_on_a_repeated_line():
     "Photosynthesis is the process by which green plants use sunlight to synthesize food from carbon dioxide and "
     "water. Photosynthesis in plants involves chlorophyll and generates oxygen. The process of photosynthesis "
     "takes place in the chloroplasts, and the light reactions of photosynthesis make ATP.",
+    # SmolLM2 at 1.0 on Romeo and Juliet: a title three times in a paragraph is no loop
+    "In the iconic Romeo and Juliet story, the plot revolves around forbidden love. At its core, Romeo and "
+    "Juliet is a tragicomic exploration of destiny, and the plot culminates in the death of Romeo and Juliet.",
+    "Row, row, row your boat,\nGently down the stream.\nMerrily, merrily, merrily, merrily,\nLife is but a dream.",
 ])
 def test_leaves_alone(text):
     assert feed(text) == (None, None)
