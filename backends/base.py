@@ -43,6 +43,8 @@ class Capabilities:
     batching: bool = False  # several requests may generate at once
     embeddings: bool = False
     grammar: bool = False  # JSON-schema constrained decoding
+    logprobs: bool = False  # SamplingParams.logprobs: Chunk.logprobs of the sampled tokens
+    logit_bias: bool = False  # SamplingParams.logit_bias
 
 
 class BackendError(RuntimeError):
@@ -78,6 +80,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # None: no log-probabilities; k (0..20): each sampled token's, and the k most likely
+    # alternatives', over the whole vocabulary after logit_bias and the penalties (before
+    # the grammar, top_k/top_p/min_p truncation and temperature). See Chunk.logprobs.
+    logprobs: int | None = None
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, -100..100); -100 bans
 
 
 @dataclass
@@ -122,6 +129,10 @@ class Chunk:
     detail: str | None = None  # why it finished, when that needs saying (loop guard, KV full)
     thinking: str = ""  # reasoning text; engines leave it empty, the gateway splits it out
     stop_sequence: str | None = None  # on the last chunk: the stop string that ended the generation
+    # With SamplingParams.logprobs: one entry per sampled token whose text is in this chunk
+    # (or was held back and dropped): {"id", "token", "bytes", "logprob", "top": [{"id",
+    # "token", "bytes", "logprob"}, ...]}.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -170,6 +181,7 @@ class EngineInfo:
     kv_bytes: int = 0  # the KV cache allocated for every sequence
     max_token_bytes: int | None = None  # the longest token's text (a prompt's size bounds its count)
     max_prompt_len: int | None = None  # a static pipeline's longest prompt (the NPU)
+    n_vocab: int | None = None  # the vocabulary's size (token ids are checked against it)
     details: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:

@@ -217,32 +217,68 @@ class _Sampling:
     of the time. Greedy output is the same either way (masking never changes a valid
     argmax); when sampling, a valid token keeps at least its unconstrained probability,
     as in llama-server, instead of being renormalised over the valid ones only.
+
+    With log-probabilities asked for, the chain is two: ``pre`` (logit_bias and the
+    penalties, which change logits in place and keep the array in token-id order) and
+    the rest; the log-softmax of the logits between the two is what is reported
+    (``last``: the sampled token's and the ``top`` most likely, over the whole vocabulary).
     """
 
-    def __init__(self, chain: Any, grammar: Any = None) -> None:
-        self.chain, self.grammar = chain, grammar
+    def __init__(self, chain: Any, grammar: Any = None, pre: Any = None, top: int | None = None) -> None:
+        self.chain, self.grammar, self.pre, self.top = chain, grammar, pre, top
+        self.last: tuple[float, list[tuple[int, float]]] | None = None
 
     def sample(self, ctx: Any, i: int, cand: _Candidates) -> int:
-        if self.grammar is None:
+        if self.grammar is None and self.pre is None:
             return int(L.llama_sampler_sample(self.chain, ctx, i))
-        L.llama_sampler_apply(self.chain, cand.of(ctx, i))
+        arr = cand.of(ctx, i)
+        logits = None
+        if self.pre is not None:
+            L.llama_sampler_apply(self.pre, arr)
+            logits = cand.buf["logit"].astype(np.float64)
+        L.llama_sampler_apply(self.chain, arr)
         tok = cand.selected()
-        one = cand.just(tok)
-        L.llama_sampler_apply(self.grammar, one)
-        if cand.one[0].logit == -math.inf:  # rejected: constrain everything, sample again
-            arr = cand.of(ctx, i)
-            L.llama_sampler_apply(self.grammar, arr)
-            L.llama_sampler_apply(self.chain, arr)
-            tok = cand.selected()
-        L.llama_sampler_accept(self.grammar, tok)
+        if self.grammar is not None:
+            one = cand.just(tok)
+            L.llama_sampler_apply(self.grammar, one)
+            if cand.one[0].logit == -math.inf:  # rejected: constrain everything, sample again
+                arr = cand.of(ctx, i)
+                if self.pre is not None:
+                    L.llama_sampler_apply(self.pre, arr)
+                L.llama_sampler_apply(self.grammar, arr)
+                L.llama_sampler_apply(self.chain, arr)
+                tok = cand.selected()
+            L.llama_sampler_accept(self.grammar, tok)
+        if self.pre is not None:
+            L.llama_sampler_accept(self.pre, tok)
         L.llama_sampler_accept(self.chain, tok)
+        if logits is not None and self.top is not None:
+            self.last = _log_softmax_at(logits, tok, self.top)
         return tok
 
     def free(self) -> None:
-        for smpl in (self.chain, self.grammar):
+        for smpl in (self.chain, self.grammar, self.pre):
             if smpl:
                 L.llama_sampler_free(smpl)
-        self.chain = self.grammar = None
+        self.chain = self.grammar = self.pre = None
+
+
+# OpenAI's stand-in for a log-probability of minus infinity (a banned token): JSON has no -inf.
+_LOGPROB_FLOOR = -9999.0
+
+
+def _log_softmax_at(logits: Any, tok: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``tok`` and the ``top`` most likely tokens' under ``logits``."""
+    finite = logits[np.isfinite(logits)]
+    m = float(finite.max()) if finite.size else 0.0
+    lse = m + math.log(float(np.exp(finite - m).sum())) if finite.size else 0.0
+    lp = float(logits[tok]) - lse
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-logits, top - 1)[:top]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        best = [(int(t), max(float(logits[t]) - lse, _LOGPROB_FLOOR)) for t in ids]
+    return max(lp, _LOGPROB_FLOOR), best
 
 
 class _Seq:
@@ -259,11 +295,12 @@ class _Seq:
         self.utf8 = Utf8Stream()
         self.stop = StopMatcher(e.req.sampling.stop)
         self.t_admit, self.t_first = time.monotonic_ns(), 0
+        self.logprobs: list[dict[str, Any]] | None = [] if e.req.sampling.logprobs is not None else None
 
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
-    capabilities = Capabilities(batching=True, embeddings=True, grammar=True)
+    capabilities = Capabilities(batching=True, embeddings=True, grammar=True, logprobs=True, logit_bias=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -505,6 +542,7 @@ class LlamaCppEngine(Engine):
             device="cpu", num_ctx=self.n_ctx_seq, num_parallel=self.n_par, capabilities=self.capabilities,
             model_bytes=os.path.getsize(self.spec.path), kv_bytes=self.kv_bytes,
             max_token_bytes=self.max_token_bytes,  # the gateway's cheap "cannot fit" check
+            n_vocab=self.n_vocab,  # the gateway checks token ids (logit_bias) against it
             details={"num_batch": self.n_batch, "n_threads": self.n_threads, "n_ctx_train": self.n_ctx_train,
                      "kv_cache_type": self.kv_type,
                      "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip()})
@@ -649,10 +687,23 @@ class LlamaCppEngine(Engine):
 
     def _sampler(self, req: GenerationRequest, prompt: list[int]) -> _Sampling:
         """The request's samplers (see ``_Sampling``); the caller frees them."""
-        return _Sampling(self._chain(req.sampling, prompt), self._grammar_sampler(req))
+        sp = req.sampling
+        if any(not 0 <= t < self.n_vocab for t, _ in sp.logit_bias):
+            raise InvalidRequest(f"logit_bias: a token id is outside the vocabulary (0..{self.n_vocab - 1})")
+        if sp.logprobs is None:
+            return _Sampling(self._chain(sp, prompt), self._grammar_sampler(req))
+        pre = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._bias_and_penalties(pre, sp, prompt)
+        rest = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        return _Sampling(self._chain(sp, prompt, rest), self._grammar_sampler(req), pre, sp.logprobs)
 
-    def _chain(self, sp: SamplingParams, prompt: list[int]) -> Any:
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    def _bias_and_penalties(self, chain: Any, sp: SamplingParams, prompt: list[int]) -> None:
+        if sp.logit_bias:
+            arr = (L.llama_logit_bias * len(sp.logit_bias))()
+            for k, (tok, bias) in enumerate(sp.logit_bias):
+                # OpenAI's -100 bans the token: exactly, not as a large negative number
+                arr[k].token, arr[k].bias = int(tok), -math.inf if bias <= -100 else float(bias)
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(sp.logit_bias), arr))
         last_n = self.n_ctx_seq if sp.repeat_last_n < 0 else sp.repeat_last_n
         if last_n and (sp.repeat_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty):
             pen = L.llama_sampler_init_penalties(self.n_vocab, last_n, sp.repeat_penalty,
@@ -661,6 +712,12 @@ class LlamaCppEngine(Engine):
             for tok in prompt[-last_n:]:
                 L.llama_sampler_accept(pen, tok)
             L.llama_sampler_chain_add(chain, pen)
+
+    def _chain(self, sp: SamplingParams, prompt: list[int], chain: Any = None) -> Any:
+        """The sampler chain; with ``chain`` given, its bias and penalties are elsewhere."""
+        if chain is None:
+            chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            self._bias_and_penalties(chain, sp, prompt)
         if sp.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             return chain
@@ -754,9 +811,14 @@ class LlamaCppEngine(Engine):
         s.n_out += 1
         s.n_unsent += 1
         self._counters["generated_tokens_total"] += 1
-        text = s.stop.feed(s.utf8.feed(self._piece(tok)))
+        piece = self._piece(tok)
+        if s.logprobs is not None and s.sampler is not None and s.sampler.last is not None:
+            lp, top = s.sampler.last
+            s.logprobs.append({**self._token_entry(tok, piece), "logprob": lp,
+                               "top": [{**self._token_entry(t), "logprob": v} for t, v in top]})
+        text = s.stop.feed(s.utf8.feed(piece))
         if text:
-            _safe_emit(s.emit, Chunk(text=text, n_tokens=s.n_unsent))
+            _safe_emit(s.emit, Chunk(text=text, n_tokens=s.n_unsent, logprobs=self._take_logprobs(s)))
             s.n_unsent = 0
         mt = s.req.sampling.max_tokens
         if s.stop.stopped:
@@ -768,6 +830,17 @@ class LlamaCppEngine(Engine):
                          f"context window full (num_ctx={self.n_ctx_seq})")
         else:
             s.tokens.append(tok)
+
+    def _token_entry(self, tok: int, piece: bytes | None = None) -> dict[str, Any]:
+        piece = self._piece(tok) if piece is None else piece
+        return {"id": tok, "token": piece.decode("utf-8", "replace"), "bytes": list(piece)}
+
+    @staticmethod
+    def _take_logprobs(s: _Seq) -> list[dict[str, Any]] | None:
+        if s.logprobs is None:
+            return None
+        out, s.logprobs = s.logprobs, []
+        return out
 
     def _piece(self, tok: int) -> bytes:
         buf = self._piece_buf
@@ -784,7 +857,7 @@ class LlamaCppEngine(Engine):
             tail = s.stop.feed(s.utf8.flush())
             tail += "" if s.stop.stopped else s.stop.flush()
             if tail:
-                _safe_emit(s.emit, Chunk(text=tail, n_tokens=s.n_unsent))
+                _safe_emit(s.emit, Chunk(text=tail, n_tokens=s.n_unsent, logprobs=self._take_logprobs(s)))
                 s.n_unsent = 0
         now = time.monotonic_ns()
         first = s.t_first or now
@@ -801,8 +874,10 @@ class LlamaCppEngine(Engine):
         with self._cond:
             self._active_ids.discard(s.req.id)
             self._cancels.discard(s.req.id)
+        # What is left belongs to text held back and dropped (a stop string's tokens)
+        logprobs = self._take_logprobs(s) if not s.stop.stopped else ([] if s.logprobs is not None else None)
         _safe_emit(s.emit, Chunk(n_tokens=s.n_unsent, finish_reason=reason, usage=usage,
-                                 detail=detail, stop_sequence=s.stop.matched))
+                                 detail=detail, stop_sequence=s.stop.matched, logprobs=logprobs))
 
 
 def _with_last_error(message: str) -> str:

@@ -76,6 +76,9 @@ class Inference:
     fallback: dict[str, Any] = field(default_factory=dict)
     fallback_from: str = "the dialect's default"
     stream: bool = True  # False: the client waits for the whole answer (an upstream may re-send it)
+    # None: no log-probabilities; k: each sampled token's and its k most likely alternatives'
+    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> -100..100 (-100 bans)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Result:
     thinking: str = ""  # the whole reasoning text, for non-streamed replies
     context: list[int] | None = None  # token ids of prompt and answer (Inference.return_context)
     stop_sequence: str | None = None  # the stop string that ended it (Anthropic's stop_sequence)
+    logprobs: list[dict[str, Any]] | None = None  # every token's (Inference.logprobs), for whole replies
 
     def headers(self) -> dict[str, str]:
         """Why it stopped, for a response sent after the generation ended."""
@@ -160,6 +164,8 @@ class Service:
         resolved = resolve({}, options)
         fns, forced = self._tools(inf, policy)
         req = GenerationRequest(prompt=await self.render(m, inf, fns), sampling=resolved.sampling)
+        req.sampling.logprobs = inf.logprobs
+        req.sampling.logit_bias = sorted((inf.logit_bias or {}).items())
         try:
             req.prompt.encode("utf-8")
         except UnicodeEncodeError:
@@ -297,6 +303,7 @@ class Service:
             log.warning("%s: num_ctx %d asked; using %d: %s", p.manifest.name, asked, ctx, why)
         elif not asked and trained and ctx < trained:
             why = self.scheduler.context_for(p.manifest, None)[1]  # the memory budget, if it was that
+        self._check_features(runner, p.request)
         n, ids = await self._count(runner, p.request, ctx)
         trace = p.inference.trace if p.inference.trace is not None else {}
         trace["prompt_tokens"] = n  # the access log shows it, refused or not
@@ -330,6 +337,20 @@ class Service:
                                   param=param)
         p.request.tokens = ids  # the engine generates from these: the prompt is tokenized once
         return n
+
+    @staticmethod
+    def _check_features(runner: Runner, req: GenerationRequest) -> None:
+        """A 400 for what this model's engine cannot give, before anything streams."""
+        caps, name = runner.info.capabilities, runner.spec.backend
+        if req.sampling.logprobs is not None and not caps.logprobs:
+            raise BadRequest(f"logprobs are not available on the {name} backend (llama.cpp models have them)")
+        if req.sampling.logit_bias:
+            if not caps.logit_bias:
+                raise BadRequest(f"logit_bias is not available on the {name} backend (llama.cpp models have it)")
+            n_vocab = runner.info.n_vocab
+            bad = [t for t, _ in req.sampling.logit_bias if n_vocab and not 0 <= t < n_vocab]
+            if bad:
+                raise BadRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
 
     @staticmethod
     async def _count(runner: Runner, req: GenerationRequest, ctx: int) -> tuple[int, list[int] | None]:
@@ -417,6 +438,7 @@ class _Run:
         self.output: list[str] = []  # the raw text, kept only for Inference.return_context
         self.keep_output = p.inference.return_context
         self.thinking: list[str] = []
+        self.logprobs: list[dict[str, Any]] | None = [] if p.request.sampling.logprobs is not None else None
         self.done = False
 
     def _shape(self, text: str) -> tuple[str, str]:
@@ -428,6 +450,8 @@ class _Run:
 
     def take(self, chunk: Chunk) -> Chunk | None:
         self.n_out += chunk.n_tokens
+        if chunk.logprobs and self.logprobs is not None:
+            self.logprobs += chunk.logprobs
         if chunk.text:
             self._timing()
             if self.s.settings.log_content:
@@ -447,7 +471,7 @@ class _Run:
         thinking, content = self._shape(chunk.text)
         self.thinking.append(thinking)
         if thinking or content or not self.done:
-            return Chunk(text=content, thinking=thinking, n_tokens=chunk.n_tokens)
+            return Chunk(text=content, thinking=thinking, n_tokens=chunk.n_tokens, logprobs=chunk.logprobs)
         return None
 
     def _guard(self) -> None:
@@ -513,7 +537,7 @@ class _Run:
             raise BackendError(self.detail or "generation failed")
         rest = Chunk(text=content, thinking=thinking) if content or thinking else None
         return rest, Result(self.finish_reason, u, time.monotonic_ns() - self.t0, load_ns, self.detail, calls,
-                            "".join(self.thinking), stop_sequence=self.stop_sequence)
+                            "".join(self.thinking), stop_sequence=self.stop_sequence, logprobs=self.logprobs)
 
 
 def npu_recompile_command(runner: Runner, n_tokens: int) -> str:

@@ -100,6 +100,8 @@ def _request(service: Service, inf: Inference) -> Prepared:
     if inf.context:
         raise BadRequest("context (token ids) cannot be sent to an upstream model: its tokenizer is not kiln's; "
                          "send the conversation with /api/chat instead")
+    if inf.logprobs is not None or inf.logit_bias:
+        raise BadRequest("logprobs and logit_bias are not available for an upstream model: kiln does not relay them")
     m = manifest(service, inf.model)
     try:
         policy = merge(service.settings.policy, m.policy)

@@ -8,6 +8,7 @@ from typing import Any
 
 from backends.base import Chunk, FinishReason
 from backends.store import Manifest
+from server import logprobs as lp
 from server import options as opts
 from server.errors import BadRequest
 from server.inference import Inference, Result
@@ -44,10 +45,9 @@ def check_think(value: Any) -> Any:
     raise BadRequest(f'invalid think value {value!r}: use true, false, "low", "medium", "high" or "max"')
 
 
-def check_top_logprobs(value: int | None) -> None:
-    """routes.go refuses it before anything else, on generate and chat."""
-    if value is not None and not 0 <= value <= 20:
-        raise BadRequest("top_logprobs must be between 0 and 20")
+def check_top_logprobs(logprobs: bool | None, value: int | None) -> int | None:
+    """``Inference.logprobs``; routes.go refuses a bad count before anything else."""
+    return lp.wanted(logprobs, value)
 
 
 def message_dict(m: Message) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def message_dict(m: Message) -> dict[str, Any]:
 
 
 def chat_to_internal(req: ChatRequest) -> Inference:
-    check_top_logprobs(req.top_logprobs)
+    logprobs = check_top_logprobs(req.logprobs, req.top_logprobs)
     msgs = req.messages or []
     for m in msgs:
         if m.role.lower() not in ("system", "user", "assistant", "tool"):
@@ -75,13 +75,13 @@ def chat_to_internal(req: ChatRequest) -> Inference:
     return Inference(
         model=req.model, messages=[message_dict(m) for m in msgs], options=opts.check(req.options),
         format=check_format(req.format), tools=req.tools or None, tool_choice=req.tool_choice,
-        think=check_think(req.think),
+        think=check_think(req.think), logprobs=logprobs,
         keep_alive=keep_alive(req.keep_alive), images=images or None, truncate=req.truncate, shift=req.shift,
     )
 
 
 def generate_to_internal(req: GenerateRequest) -> Inference:
-    check_top_logprobs(req.top_logprobs)
+    logprobs = check_top_logprobs(req.logprobs, req.top_logprobs)
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
     return Inference(
@@ -89,7 +89,7 @@ def generate_to_internal(req: GenerateRequest) -> Inference:
         raw=bool(req.raw), suffix=req.suffix, options=opts.check(req.options),
         format=check_format(req.format), think=check_think(req.think),
         keep_alive=keep_alive(req.keep_alive), images=req.images or None, truncate=req.truncate, shift=req.shift,
-        context=req.context or None, return_context=not req.raw,
+        context=req.context or None, return_context=not req.raw, logprobs=logprobs,
     )
 
 
@@ -117,7 +117,14 @@ def chat_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
     message = {"role": "assistant", "content": chunk.text}
     if chunk.thinking:
         message["thinking"] = chunk.thinking
-    return {"model": model, "created_at": now(), "message": message, "done": False}
+    return _with_logprobs({"model": model, "created_at": now(), "message": message, "done": False}, chunk.logprobs)
+
+
+def _with_logprobs(obj: dict[str, Any], raw: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Ollama's ``logprobs`` (omitted when not asked for); top_logprobs is omitempty in Go."""
+    if raw is not None:
+        obj["logprobs"] = [{k: v for k, v in e.items() if k != "top_logprobs" or v} for e in lp.entries(raw)]
+    return obj
 
 
 def tool_calls(r: Result) -> list[dict[str, Any]]:
@@ -133,7 +140,8 @@ def chat_final(model: str, r: Result, content: str = "", *, whole: bool = False)
         message["thinking"] = r.thinking
     if whole and r.tool_calls:
         message["tool_calls"] = tool_calls(r)
-    return {"model": model, "created_at": now(), "message": message, "done": True, **metrics(r)}
+    return _with_logprobs({"model": model, "created_at": now(), "message": message, "done": True, **metrics(r)},
+                          r.logprobs if whole else None)
 
 
 def chat_tool_chunk(model: str, r: Result) -> dict[str, Any]:
@@ -146,7 +154,7 @@ def generate_chunk(model: str, chunk: Chunk) -> dict[str, Any]:
     out = {"model": model, "created_at": now(), "response": chunk.text, "done": False}
     if chunk.thinking:
         out["thinking"] = chunk.thinking
-    return out
+    return _with_logprobs(out, chunk.logprobs)
 
 
 def generate_final(model: str, r: Result, response: str = "", *, whole: bool = False) -> dict[str, Any]:
@@ -156,7 +164,7 @@ def generate_final(model: str, r: Result, response: str = "", *, whole: bool = F
                "context": r.context, **out}
     if whole and r.thinking:
         out["thinking"] = r.thinking
-    return out
+    return _with_logprobs(out, r.logprobs if whole else None)
 
 
 def load_reply(model: str, kind: str, *, chat: bool) -> dict[str, Any]:

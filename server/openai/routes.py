@@ -62,17 +62,24 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
     inf.stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.CompletionStream(body.model, include_usage)
+    echo = (inf.prompt or "") if body.echo else ""  # the prompt first, as written (cheap: no logprobs)
+    pending_echo = bool(echo)
 
     def encode(item: Any) -> bytes | None:
+        nonlocal pending_echo
+        out = b""
+        if pending_echo:
+            pending_echo = False
+            out += sse_event(s.content(Chunk(text=echo)))
         if isinstance(item, Chunk) and item.text:
-            return sse_event(s.content(item))
-        if isinstance(item, Result):
-            return b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
-        return None
+            out += sse_event(s.content(item))
+        elif isinstance(item, Result):
+            out += b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
+        return out or None
 
     return await respond(request, _service(request).stream(inf), stream=bool(body.stream), media_type=SSE,
                          encode=encode, on_error=_sse_error,
-                         whole=lambda text, r: translate.completion(s.id, body.model, text, r))
+                         whole=lambda text, r: translate.completion(s.id, body.model, text, r, echo))
 
 
 @router.post("/embeddings")

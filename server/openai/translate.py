@@ -12,6 +12,7 @@ from typing import Any
 
 from backends.base import Chunk, FinishReason
 from backends.store import Manifest, ModelName
+from server import logprobs as lp
 from server import options as opts
 from server.errors import BadRequest
 from server.inference import Inference, Result
@@ -61,8 +62,6 @@ def sampling_options(req: Any, max_tokens: int | None,
         raise BadRequest(f"max_tokens must be between 1 and {1 << 31}, got {max_tokens}")
     if req.n not in (None, 1):
         raise BadRequest("n must be 1: kiln returns one choice per request")
-    if req.logit_bias:
-        raise BadRequest("logit_bias is not supported")
     if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 63:
         raise BadRequest("seed is out of range")
     extra = req.model_extra or {}
@@ -157,8 +156,9 @@ def chat_to_internal(req: ChatCompletionRequest, num_ctx_header: str | None = No
         raise BadRequest("you must provide a model parameter")
     if not req.messages:
         raise BadRequest("messages must contain at least one message")
-    if req.logprobs:
-        raise BadRequest("logprobs is not supported")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise BadRequest("top_logprobs requires logprobs to be true")
+    logprobs = lp.wanted(req.logprobs, req.top_logprobs)
     messages, images = [], []
     for m in req.messages:
         d, imgs = _message(m)
@@ -172,7 +172,10 @@ def chat_to_internal(req: ChatCompletionRequest, num_ctx_header: str | None = No
                      format=response_format(req.response_format), tools=req.tools or None,
                      tool_choice=req.tool_choice,
                      think=think, images=images or None, fallback=dict(OPENAI_DEFAULTS),
-                     fallback_from="OpenAI's default")
+                     fallback_from="OpenAI's default", logprobs=logprobs, logit_bias=lp.bias(req.logit_bias))
+
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = None) -> Inference:
@@ -183,15 +186,18 @@ def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = 
         if len(prompt) != 1:
             raise BadRequest("prompt must be a string or a list of exactly one string")
         prompt = prompt[0]
-    if req.echo:
-        raise BadRequest("echo is not supported")
     if req.best_of not in (None, 1):
         raise BadRequest("best_of must be 1")
-    if req.logprobs:
-        raise BadRequest("logprobs is not supported")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise BadRequest(f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}")
+    if req.echo and req.logprobs is not None:
+        raise BadRequest("echo with logprobs is not supported: it needs the prompt's log-probabilities, which kiln "
+                         "does not compute")
+    if req.echo and req.suffix:
+        raise BadRequest("echo cannot be combined with suffix")
     return Inference(model=req.model, prompt=prompt or "", raw=True, suffix=req.suffix,
                      options=sampling_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
-                     fallback_from="OpenAI's default")
+                     fallback_from="OpenAI's default", logprobs=req.logprobs, logit_bias=lp.bias(req.logit_bias))
 
 
 def finish_reason(r: Result) -> str:
@@ -228,7 +234,8 @@ def chat_completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls(r)]
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r), "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r),
+                         "logprobs": chat_logprobs(r.logprobs)}],
             "usage": usage(r)}
 
 
@@ -248,8 +255,8 @@ class _Stream:
             out["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
         return out
 
-    def _choice(self, **fields: Any) -> dict[str, Any]:
-        return {"index": 0, **fields, "logprobs": None}
+    def _choice(self, logprobs: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        return {"index": 0, **fields, "logprobs": logprobs}
 
     def finish(self, r: Result) -> list[dict[str, Any]]:
         out = self._tool_chunks(r) + [self._chunk([self._finish_choice(finish_reason(r))])]
@@ -274,7 +281,7 @@ class ChatStream(_Stream):
         delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
         if chunk.thinking:
             delta["reasoning_content"] = chunk.thinking
-        return self._chunk([self._choice(delta=delta, finish_reason=None)])
+        return self._chunk([self._choice(delta=delta, finish_reason=None, logprobs=chat_logprobs(chunk.logprobs))])
 
     def _finish_choice(self, reason: str) -> dict[str, Any]:
         return self._choice(delta={}, finish_reason=reason)
@@ -286,18 +293,41 @@ class ChatStream(_Stream):
                 for call in tool_calls(r)]
 
 
-def completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
+def chat_logprobs(raw: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if raw is None else {"content": lp.entries(raw), "refusal": None}
+
+
+def completion_logprobs(raw: list[dict[str, Any]] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape; ``text_offset`` counts characters from the start of
+    the choice's text (``offset``: where this chunk's text starts)."""
+    if raw is None:
+        return None
+    offsets = []
+    for e in raw:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in raw], "token_logprobs": [e["logprob"] for e in raw],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top") or []} for e in raw],
+            "text_offset": offsets}
+
+
+def completion(cid: str, model: str, text: str, r: Result, echo: str = "") -> dict[str, Any]:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(r)}],
+            "choices": [{"text": echo + text, "index": 0, "logprobs": completion_logprobs(r.logprobs),
+                         "finish_reason": finish_reason(r)}],
             "usage": usage(r)}
 
 
 class CompletionStream(_Stream):
     prefix, object_type = "cmpl", "text_completion"
+    offset = 0  # characters of the choice's text sent so far (text_offset)
 
     def content(self, chunk: Chunk) -> dict[str, Any]:
-        return self._chunk([self._choice(text=chunk.text, finish_reason=None)])
+        out = self._chunk([self._choice(text=chunk.text, finish_reason=None,
+                                        logprobs=completion_logprobs(chunk.logprobs, self.offset))])
+        self.offset += len(chunk.text)
+        return out
 
     def _finish_choice(self, reason: str) -> dict[str, Any]:
         return self._choice(text="", finish_reason=reason)

@@ -127,14 +127,24 @@ def test_openai_num_ctx_header_refused(header):
     ({"top_p": -0.1}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 2}, "n must be 1"),
-    ({"logit_bias": {"1": 2}}, "logit_bias"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logit_bias": {"x": 2}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "between -100 and 100"),
+    ({"logit_bias": {"-1": 1}}, "negative"),
+    ({"top_logprobs": 2}, "requires logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "schema"),
 ])
 def test_openai_refusals(kw, message):
     with pytest.raises(BadRequest, match=message):
         oa.chat_to_internal(chat_req(**kw))
+
+
+def test_openai_logprobs_and_logit_bias_reach_the_inference():
+    inf = oa.chat_to_internal(chat_req(logprobs=True, top_logprobs=3, logit_bias={"7": -100, "9": 2.5}))
+    assert inf.logprobs == 3 and inf.logit_bias == {7: -100.0, 9: 2.5}
+    assert oa.chat_to_internal(chat_req(logprobs=True)).logprobs == 0
+    assert oa.chat_to_internal(chat_req(logprobs=False, top_logprobs=None)).logprobs is None
 
 
 def test_openai_messages():
