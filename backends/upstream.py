@@ -366,8 +366,8 @@ class UpstreamPool:
         if u is None:
             raise ModelNotFound(name)
         model_id = u.model_id(name) or name
-        ureq = req if isinstance(req, UpstreamRequest) else UpstreamRequest(
-            prompt=req.prompt, sampling=req.sampling, id=req.id, messages=req.messages, raw=req.messages is None)
+        ureq = req if isinstance(req, UpstreamRequest) else UpstreamRequest(  # a rendered prompt: sent raw
+            prompt=req.prompt, sampling=req.sampling, id=req.id, json_schema=req.json_schema, raw=True)
         k = key(name)
         self.active[k] = self.active.get(k, 0) + 1
         try:  # aclosing: a client that goes away closes the upstream request now, not when collected
