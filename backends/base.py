@@ -101,6 +101,9 @@ class GenerationRequest:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     json_schema: dict[str, Any] | None = None  # output held to this schema (a grammar made from it)
     tokens: list[int] | None = None
+    # Requests with the same group and prompt (the n choices of one client request): an
+    # engine may evaluate the prompt once and copy its KV cache to the others.
+    prefix_group: str | None = None
 
     @property
     def constrained(self) -> bool:
@@ -133,6 +136,7 @@ class Chunk:
     # (or was held back and dropped): {"id", "token", "bytes", "logprob", "top": [{"id",
     # "token", "bytes", "logprob"}, ...]}.
     logprobs: list[dict[str, Any]] | None = None
+    index: int = 0  # the gateway's: which of a request's n choices it belongs to (not sent by engines)
 
 
 @dataclass

@@ -296,6 +296,8 @@ class _Seq:
         self.stop = StopMatcher(e.req.sampling.stop)
         self.t_admit, self.t_first = time.monotonic_ns(), 0
         self.logprobs: list[dict[str, Any]] | None = [] if e.req.sampling.logprobs is not None else None
+        self.leader: _Seq | None = None  # a sibling whose prompt KV this one waits to copy
+        self.followers: list[_Seq] = []
 
 
 class LlamaCppEngine(Engine):
@@ -669,6 +671,21 @@ class LlamaCppEngine(Engine):
                 _safe_emit(e.emit, Chunk(finish_reason=FinishReason.ERROR, detail=str(ex),
                                          usage=Usage(prompt_tokens=len(toks))))
                 continue
+            leader = self._leader_for(e.req, toks)
+            if leader is not None:
+                # The prompt is a sibling's, still being evaluated: this sequence waits and then
+                # copies its KV cells (see _fork) instead of evaluating the prompt again. Any
+                # free slot will do (it is overwritten): the one with the least worth keeping.
+                slot = min(free, key=lambda k: len(self._slot_cache[k]))
+                L.llama_memory_seq_rm(self.mem, slot, -1, -1)  # (in case it evaluates the prompt after all)
+                self._slot_cache[slot] = []
+                s = _Seq(e, slot, 0, sampler)
+                s.leader = leader
+                leader.followers.append(s)
+                self._slot_seq[slot] = s
+                self._active.append(s)
+                self._counters["prompt_tokens_total"] += len(toks)
+                continue
             # Prefix reuse: the free slot whose cached tokens share the longest prefix;
             # on a tie, the one with the least cached (least worth keeping). The last
             # prompt token is always evaluated again: its logits give the first token.
@@ -684,6 +701,23 @@ class LlamaCppEngine(Engine):
             self._active.append(s)
             self._counters["prompt_tokens_total"] += len(toks)
             self._counters["cached_tokens_total"] += lcp
+
+    def _leader_for(self, req: GenerationRequest, toks: list[int]) -> _Seq | None:
+        if req.prefix_group is None:
+            return None
+        return next((s for s in self._active if s.req.prefix_group == req.prefix_group and s.leader is None
+                     and s.n_past < s.n_prompt and s.tokens[: s.n_prompt] == toks), None)
+
+    def _fork(self, s: _Seq) -> None:
+        """The leader's prompt is in: its KV goes to every follower (a copy of the leader's
+        KV stream, done by llama.cpp before the next decode), which then samples its first
+        token from the leader's logits row."""
+        for f in s.followers:
+            L.llama_memory_seq_cp(self.mem, s.slot, f.slot, -1, -1)
+            f.n_past = f.cached = s.n_past
+            f.leader = None
+            self._counters["cached_tokens_total"] += s.n_past
+        s.followers = []
 
     def _sampler(self, req: GenerationRequest, prompt: list[int]) -> _Sampling:
         """The request's samplers (see ``_Sampling``); the caller frees them."""
@@ -772,7 +806,7 @@ class LlamaCppEngine(Engine):
 
     def _decode_and_sample(self) -> None:
         gen = [s for s in self._active if s.n_past >= s.n_prompt]
-        pre = [s for s in self._active if s.n_past < s.n_prompt]
+        pre = [s for s in self._active if s.n_past < s.n_prompt and s.leader is None]
         budget = self.n_batch
         while True:
             rows = self._fill(gen, pre, budget)
@@ -802,7 +836,13 @@ class LlamaCppEngine(Engine):
         for s, _, i in rows:
             if i >= 0:
                 assert s.sampler is not None
+                followers = s.followers
+                if followers:
+                    self._fork(s)
                 self._on_token(s, s.sampler.sample(self.ctx, i, self._cand))
+                for f in followers:  # the same row of logits: each with its own sampler (seed)
+                    if f in self._active and f.sampler is not None:
+                        self._on_token(f, f.sampler.sample(self.ctx, i, self._cand))
 
     def _on_token(self, s: _Seq, tok: int) -> None:
         s.t_first = s.t_first or time.monotonic_ns()
@@ -853,6 +893,12 @@ class LlamaCppEngine(Engine):
     def _finish(self, s: _Seq, reason: FinishReason, detail: str | None = None,
                 clear: bool = False) -> None:
         """Ends a sequence: flushes held text, emits the final chunk, frees its slot."""
+        for f in s.followers:  # its prompt never finished: they evaluate it themselves
+            f.leader = None
+        s.followers = []
+        if s.leader is not None:
+            s.leader.followers.remove(s)
+            s.leader = None
         if reason in (FinishReason.STOP, FinishReason.LENGTH) and not s.stop.stopped:
             tail = s.stop.feed(s.utf8.flush())
             tail += "" if s.stop.stopped else s.stop.flush()

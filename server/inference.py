@@ -9,10 +9,12 @@ options, a prompt longer than the context, a full queue) happens before its firs
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +81,7 @@ class Inference:
     # None: no log-probabilities; k: each sampled token's and its k most likely alternatives'
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> -100..100 (-100 bans)
+    n: int = 1  # choices: sequences sampled from one evaluation of the prompt (Chunk.index)
 
 
 @dataclass
@@ -95,6 +98,10 @@ class Result:
     context: list[int] | None = None  # token ids of prompt and answer (Inference.return_context)
     stop_sequence: str | None = None  # the stop string that ended it (Anthropic's stop_sequence)
     logprobs: list[dict[str, Any]] | None = None  # every token's (Inference.logprobs), for whole replies
+    # With Inference.n > 1: one Result per choice (with its ``text``); this one's usage is
+    # their sum, the prompt counted once, and its other fields are the first choice's.
+    choices: list[Result] | None = None
+    text: str = ""
 
     def headers(self) -> dict[str, str]:
         """Why it stopped, for a response sent after the generation ended."""
@@ -259,7 +266,8 @@ class Service:
         trace = inf.trace = inf.trace if inf.trace is not None else {}
         trace["model"] = inf.model
         p = await self.prepare(inf)
-        async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
+        async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive,
+                                      count=inf.n) as lease:
             if inf.context:
                 # Ollama detokenizes the ids and writes the text before the new prompt; the
                 # text is tokenized again with it (the same ids, for text the model wrote).
@@ -269,6 +277,11 @@ class Service:
             if self.settings.log_content:
                 log.info("prompt %s: %r", trace.get("request_id", ""), p.request.prompt)
             yield Ready(p.notes, n_prompt)
+            if inf.n > 1:
+                async with contextlib.aclosing(self._choices(lease, p, trace, t0, n_prompt)) as items:
+                    async for item in items:
+                        yield item
+                return
             run = _Run(self, p, trace, t0, n_prompt)
             try:
                 async for chunk in lease.runner.backend.stream(p.request):
@@ -286,6 +299,67 @@ class Service:
             if rest is not None:
                 yield rest
             yield result
+
+    async def _choices(self, lease: Any, p: Prepared, trace: dict[str, Any], t0: int,
+                       n_prompt: int) -> AsyncIterator[Any]:
+        """``Inference.n`` sequences at once, one engine request each, in one prefix group:
+        the engine evaluates the prompt once and copies its KV cache to the others. Each has
+        its own seed (the request's + its index), loop guard, thinking and tool-call split;
+        their chunks are merged as they come, tagged with ``index``."""
+        n, base = p.inference.n, p.request
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        texts: list[list[str]] = [[] for _ in range(n)]
+
+        async def pump(i: int) -> None:
+            sampling = dataclasses.replace(base.sampling, seed=None if base.sampling.seed is None
+                                           else base.sampling.seed + i)
+            req = dataclasses.replace(base, id=uuid.uuid4().hex, sampling=sampling, prefix_group=base.id)
+            stream = ToolStream(p.fns or [], forced=p.tool_stream.forced) if p.tool_stream is not None else None
+            run = _Run(self, dataclasses.replace(p, request=req, tool_stream=stream), trace, t0, n_prompt)
+            try:
+                async with contextlib.aclosing(lease.runner.backend.stream(req)) as chunks:
+                    async for chunk in chunks:
+                        out = run.take(chunk)
+                        if out is not None:
+                            out.index = i
+                            texts[i].append(out.text)
+                            await queue.put(out)
+                        if run.done:
+                            break
+                rest, result = run.finish(lease.load_ns)
+            except BaseException as e:
+                run.failed(e)
+                await queue.put(e)
+                raise
+            if rest is not None:
+                rest.index = i
+                texts[i].append(rest.text)
+                await queue.put(rest)
+            await queue.put((i, result))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(n)]
+        results: list[Result | None] = [None] * n
+        try:
+            while any(r is None for r in results):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, tuple):
+                    results[item[0]] = item[1]
+                    continue
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        done = [r for r in results if r is not None]
+        for i, r in enumerate(done):
+            r.text = "".join(texts[i])
+        first = done[0]
+        total = dataclasses.replace(first.usage, completion_tokens=sum(r.usage.completion_tokens for r in done),
+                                    eval_ns=max(r.usage.eval_ns for r in done))
+        trace.update(completion_tokens=total.completion_tokens)
+        yield dataclasses.replace(first, usage=total, choices=done)
 
     async def _fit_context(self, runner: Runner, p: Prepared) -> int:
         """The prompt's token count, after checking it fits the context window; with

@@ -31,7 +31,7 @@ from backends.base import KV_CACHE_TYPES, Backend, BackendError, EngineInfo, Inv
 from backends.store import Manifest, ModelStore
 from backends.worker import WorkerBackend
 from server.durations import FOREVER, MAX_KEEP_ALIVE, parse_duration
-from server.errors import KilnError, ServerBusy, Unavailable
+from server.errors import BadRequest, KilnError, ServerBusy, Unavailable
 from server.settings import Settings
 
 log = logging.getLogger("kiln.scheduler")
@@ -66,9 +66,11 @@ class Runner:
     timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.time)
     slots: asyncio.Semaphore = field(init=False)
+    many: asyncio.Lock = field(init=False)  # held while a request takes several slots
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.num_parallel)
+        self.many = asyncio.Lock()
 
     @property
     def num_ctx(self) -> int:
@@ -144,8 +146,10 @@ class Scheduler:
     # -- public ----------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def use(self, manifest: Manifest, *, num_ctx: int | None = None,
-                  keep_alive: float | None = None) -> AsyncIterator[Lease]:
-        """Holds one slot of the model (loading it first if needed) for a request."""
+                  keep_alive: float | None = None, count: int = 1) -> AsyncIterator[Lease]:
+        """Holds one slot of the model (loading it first if needed) for a request, or
+        ``count`` of them (the n choices of one request: taken under the runner's lock, so
+        that two such requests cannot each hold some slots and wait for the other's)."""
         key = manifest.name.lower()
         if self.waiting.get(key, 0) >= self.settings.max_queue:
             raise ServerBusy(retry_after=1)
@@ -153,7 +157,13 @@ class Scheduler:
         acquired = False
         try:
             runner, load_ns = await self._get(manifest, num_ctx)
-            await runner.slots.acquire()
+            if count > runner.num_parallel:
+                raise BadRequest(f"n={count} is more than the {runner.num_parallel} sequences {manifest.name} runs at "
+                                 f"once (KILN_NUM_PARALLEL)")
+            if count == 1:
+                await runner.slots.acquire()
+            else:
+                await self._acquire_many(runner, count)
             acquired = True
         finally:
             self.waiting[key] -= 1
@@ -164,12 +174,26 @@ class Scheduler:
         try:
             yield Lease(runner, load_ns)
         finally:
-            runner.slots.release()
+            for _ in range(count):
+                runner.slots.release()
             runner.refcount -= 1
             runner.last_used = time.time()
             if keep_alive is not None:
                 runner.keep_alive = keep_alive
             await self._release(runner)
+
+    @staticmethod
+    async def _acquire_many(runner: Runner, count: int) -> None:
+        async with runner.many:
+            taken = 0
+            try:
+                for _ in range(count):
+                    await runner.slots.acquire()
+                    taken += 1
+            except BaseException:
+                for _ in range(taken):
+                    runner.slots.release()
+                raise
 
     async def load(self, manifest: Manifest, keep_alive: float | None = None) -> Runner:
         """Loads a model without generating (Ollama's empty prompt)."""

@@ -43,7 +43,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         out = b""
         if not started:
             started = True
-            out += sse_event(s.role())
+            out += b"".join(sse_event(s.role(i)) for i in range(inf.n))
         if isinstance(item, Chunk) and (item.text or item.thinking):
             out += sse_event(s.content(item))
         elif isinstance(item, Result):
@@ -70,7 +70,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
         out = b""
         if pending_echo:
             pending_echo = False
-            out += sse_event(s.content(Chunk(text=echo)))
+            out += b"".join(sse_event(s.content(Chunk(text=echo, index=i))) for i in range(inf.n))
         if isinstance(item, Chunk) and item.text:
             out += sse_event(s.content(item))
         elif isinstance(item, Result):

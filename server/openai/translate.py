@@ -19,6 +19,7 @@ from server.inference import Inference, Result
 from server.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 FINGERPRINT = "fp_kiln"
+MAX_N = 128  # OpenAI's; the model's parallel sequences bound it further (server/scheduler.py)
 
 
 def _range(name: str, value: float | None, lo: float, hi: float) -> None:
@@ -60,8 +61,8 @@ def sampling_options(req: Any, max_tokens: int | None,
     _range("presence_penalty", req.presence_penalty, -2, 2)
     if max_tokens is not None and not 1 <= max_tokens <= 1 << 31:
         raise BadRequest(f"max_tokens must be between 1 and {1 << 31}, got {max_tokens}")
-    if req.n not in (None, 1):
-        raise BadRequest("n must be 1: kiln returns one choice per request")
+    if req.n is not None and not 1 <= req.n <= MAX_N:
+        raise BadRequest(f"n must be between 1 and {MAX_N}")
     if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 63:
         raise BadRequest("seed is out of range")
     extra = req.model_extra or {}
@@ -172,7 +173,8 @@ def chat_to_internal(req: ChatCompletionRequest, num_ctx_header: str | None = No
                      format=response_format(req.response_format), tools=req.tools or None,
                      tool_choice=req.tool_choice,
                      think=think, images=images or None, fallback=dict(OPENAI_DEFAULTS),
-                     fallback_from="OpenAI's default", logprobs=logprobs, logit_bias=lp.bias(req.logit_bias))
+                     fallback_from="OpenAI's default", logprobs=logprobs, logit_bias=lp.bias(req.logit_bias),
+                     n=req.n or 1)
 
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
@@ -197,7 +199,8 @@ def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = 
         raise BadRequest("echo cannot be combined with suffix")
     return Inference(model=req.model, prompt=prompt or "", raw=True, suffix=req.suffix,
                      options=sampling_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
-                     fallback_from="OpenAI's default", logprobs=req.logprobs, logit_bias=lp.bias(req.logit_bias))
+                     fallback_from="OpenAI's default", logprobs=req.logprobs, logit_bias=lp.bias(req.logit_bias),
+                     n=req.n or 1)
 
 
 def finish_reason(r: Result) -> str:
@@ -225,18 +228,25 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def _each(text: str, r: Result) -> list[tuple[str, Result]]:
+    """(text, result) of every choice: one, or ``Result.choices`` (n > 1)."""
+    return [(c.text, c) for c in r.choices] if r.choices else [(text, r)]
+
+
 def chat_completion(cid: str, model: str, text: str, r: Result) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [_chat_choice(i, t, c) for i, (t, c) in enumerate(_each(text, r))], "usage": usage(r)}
+
+
+def _chat_choice(index: int, text: str, r: Result) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if r.thinking:
         message["reasoning_content"] = r.thinking
     if r.tool_calls:
         message["content"] = text or None
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls(r)]
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r),
-                         "logprobs": chat_logprobs(r.logprobs)}],
-            "usage": usage(r)}
+    return {"index": index, "message": message, "finish_reason": finish_reason(r), "logprobs": chat_logprobs(r.logprobs)}
 
 
 class _Stream:
@@ -255,41 +265,45 @@ class _Stream:
             out["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
         return out
 
-    def _choice(self, logprobs: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        return {"index": 0, **fields, "logprobs": logprobs}
+    def _choice(self, logprobs: dict[str, Any] | None = None, index: int = 0, **fields: Any) -> dict[str, Any]:
+        return {"index": index, **fields, "logprobs": logprobs}
 
     def finish(self, r: Result) -> list[dict[str, Any]]:
-        out = self._tool_chunks(r) + [self._chunk([self._finish_choice(finish_reason(r))])]
+        out = []
+        for i, (_, c) in enumerate(_each("", r)):
+            out += self._tool_chunks(c, i) + [self._chunk([self._finish_choice(finish_reason(c), i)])]
         if self.include_usage:
             out.append(self._chunk([], usage=usage(r)))
         return out
 
-    def _finish_choice(self, reason: str) -> dict[str, Any]:
+    def _finish_choice(self, reason: str, index: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _tool_chunks(self, r: Result) -> list[dict[str, Any]]:
+    def _tool_chunks(self, r: Result, index: int) -> list[dict[str, Any]]:
         return []
 
 
 class ChatStream(_Stream):
     prefix, object_type = "chatcmpl", "chat.completion.chunk"
 
-    def role(self) -> dict[str, Any]:
-        return self._chunk([self._choice(delta={"role": "assistant", "content": ""}, finish_reason=None)])
+    def role(self, index: int = 0) -> dict[str, Any]:
+        return self._chunk([self._choice(delta={"role": "assistant", "content": ""}, finish_reason=None,
+                                         index=index)])
 
     def content(self, chunk: Chunk) -> dict[str, Any]:
         delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
         if chunk.thinking:
             delta["reasoning_content"] = chunk.thinking
-        return self._chunk([self._choice(delta=delta, finish_reason=None, logprobs=chat_logprobs(chunk.logprobs))])
+        return self._chunk([self._choice(delta=delta, finish_reason=None, logprobs=chat_logprobs(chunk.logprobs),
+                                         index=chunk.index)])
 
-    def _finish_choice(self, reason: str) -> dict[str, Any]:
-        return self._choice(delta={}, finish_reason=reason)
+    def _finish_choice(self, reason: str, index: int) -> dict[str, Any]:
+        return self._choice(delta={}, finish_reason=reason, index=index)
 
-    def _tool_chunks(self, r: Result) -> list[dict[str, Any]]:
+    def _tool_chunks(self, r: Result, index: int) -> list[dict[str, Any]]:
         """One delta per call, whole: ``index`` and ``id`` on each, as the SDK's
         stream helpers need."""
-        return [self._chunk([self._choice(delta={"tool_calls": [call]}, finish_reason=None)])
+        return [self._chunk([self._choice(delta={"tool_calls": [call]}, finish_reason=None, index=index)])
                 for call in tool_calls(r)]
 
 
@@ -314,23 +328,26 @@ def completion_logprobs(raw: list[dict[str, Any]] | None, offset: int = 0) -> di
 def completion(cid: str, model: str, text: str, r: Result, echo: str = "") -> dict[str, Any]:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"text": echo + text, "index": 0, "logprobs": completion_logprobs(r.logprobs),
-                         "finish_reason": finish_reason(r)}],
+            "choices": [{"text": echo + t, "index": i, "logprobs": completion_logprobs(c.logprobs),
+                         "finish_reason": finish_reason(c)} for i, (t, c) in enumerate(_each(text, r))],
             "usage": usage(r)}
 
 
 class CompletionStream(_Stream):
     prefix, object_type = "cmpl", "text_completion"
-    offset = 0  # characters of the choice's text sent so far (text_offset)
+    def __init__(self, model: str, include_usage: bool) -> None:
+        super().__init__(model, include_usage)
+        self.offsets: dict[int, int] = {}  # characters of each choice's text sent so far (text_offset)
 
     def content(self, chunk: Chunk) -> dict[str, Any]:
-        out = self._chunk([self._choice(text=chunk.text, finish_reason=None,
-                                        logprobs=completion_logprobs(chunk.logprobs, self.offset))])
-        self.offset += len(chunk.text)
+        offset = self.offsets.get(chunk.index, 0)
+        out = self._chunk([self._choice(text=chunk.text, finish_reason=None, index=chunk.index,
+                                        logprobs=completion_logprobs(chunk.logprobs, offset))])
+        self.offsets[chunk.index] = offset + len(chunk.text)
         return out
 
-    def _finish_choice(self, reason: str) -> dict[str, Any]:
-        return self._choice(text="", finish_reason=reason)
+    def _finish_choice(self, reason: str, index: int) -> dict[str, Any]:
+        return self._choice(text="", finish_reason=reason, index=index)
 
 
 def embedding_input(value: Any) -> list[str]:

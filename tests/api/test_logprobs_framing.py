@@ -50,3 +50,22 @@ def test_logprobs_flag_false_asks_for_nothing(fake_client, fake_engine):
                                             "top_logprobs": 3})
     assert r.status_code == 200 and "logprobs" not in r.json()
     assert fake_engine.requests[-1].sampling.logprobs is None
+
+
+def test_n_choices_framing(make_client, fake_engine):
+    """n sequences: one engine request each, one prefix group, seeds offset by index;
+    choices carry their index, usage counts the prompt once."""
+    client = make_client(num_parallel=4)
+    fake_engine.enqueue("one two", "three four five")
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "n": 2, "seed": 5}).json()
+    assert [(c["index"], c["message"]["content"]) for c in r["choices"]] == [(0, "one two"), (1, "three four five")]
+    assert r["usage"]["completion_tokens"] == 5
+    reqs = fake_engine.requests[-2:]
+    assert [q.sampling.seed for q in reqs] == [5, 6] and len({q.prefix_group for q in reqs}) == 1
+    fake_engine.enqueue("a b", "c d")
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "stream": True}).text
+    events = [e for e in body.split("\n\n") if e.startswith("data: {")]
+    assert sum('"finish_reason":"stop"' in e for e in events) == 2
+    assert any('"index":1' in e for e in events)
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 5})
+    assert r.status_code == 400 and "KILN_NUM_PARALLEL" in r.json()["error"]["message"]
