@@ -379,6 +379,7 @@ class UpstreamPool:
 
     async def _route(self, u: Upstream, model_id: str, ureq: UpstreamRequest) -> AsyncIterator[Chunk]:
         tried: set[int] = set()
+        again: set[int] = set()  # replicas a whole request was sent to a second time
         last = ""
         while True:
             try:
@@ -407,6 +408,12 @@ class UpstreamPool:
             except _Retry as e:
                 if e.eject:
                     r.mark_down(str(e))
+                elif ureq.whole and id(r) not in again:
+                    # The replica answered (an error in its stream, a 5xx) and is still up: a whole
+                    # request may go to it once more. Behind it may be a router (SMG) whose backend
+                    # died mid-answer; sent again, the router picks a live one.
+                    again.add(id(r))
+                    tried.discard(id(r))
                 last = f"{r.base}: {e}"
                 log.warning("upstream %s: %s; re-sending to another replica", u.config.name, last)
                 if sent:  # cannot happen (_once only retries before its first chunk); kept as a guard

@@ -1,15 +1,23 @@
-"""The cost of the upstream hop (research note scaleout.md §4.3, U3): one kiln node on
-the bundled model, reached directly and through a front kiln whose ``[[upstreams]]``
-points at it, in alternating order, streamed, at c=1 and c=8.
+"""The cost of the upstream hop and prefix affinity through it (research note
+scaleout.md §4.3, U3 and U13). Every server listens on 127.0.0.1 only.
 
-    python -m bench.upstream [--tokens 64] [--reps 3] [--api ollama|openai] [--fake DELAY]
+    python -m bench.upstream [--tokens 64] [--reps 3] [--api ollama|openai]
+                             [--engine kiln|llama-server|fake] [--fake DELAY] [--agent N]
 
-``--fake 0.016``: the node is the fake engine of tests/upstream at ~60 tokens/s per
-stream (this machine's SmolLM2 rate), so only the hop differs, whatever else the
-machine runs.
+Hop (default): one node on the bundled model, reached directly and through a front
+kiln whose ``[[upstreams]]`` points at it, in alternating order, streamed, at c=1 and
+c=8; one JSON line per round, then the median tok/s ratio and TTFT difference per
+concurrency. ``--engine llama-server``: the node is llama.cpp's own server
+(bench/build_llama_server.sh builds it), reached with ``api = "openai"``.
+``--engine fake --fake 0.016``: the fake engine of tests/upstream at ~60 tokens/s per
+stream, so only the hop differs, whatever else the machine runs.
 
-Prints one JSON line per round and the median tok/s ratio and TTFT difference per
-concurrency. Both servers listen on 127.0.0.1 only.
+``--agent N`` (U13): two kiln nodes as replicas of one ``api = "ollama"`` upstream, and
+N agent sessions (bench.load.agent_session: a cold 2,000-token system prompt, then a
+second turn on the same prefix) directly on one node and through the front,
+alternating. Prints each session's second/first TTFT ratio, the replica each turn went
+to, and the medians: prefix affinity keeps the front's ratio within 1.5x of one node's
+when the second turn lands where the first left its prefix cached.
 """
 
 from __future__ import annotations
@@ -21,11 +29,15 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from bench import load
 from backends.bundled import smollm2_path
-from bench.servers import Config, Target, kiln, running
+from bench.servers import Config, Running, Target, build_llama_server, kiln, llama_server, running
 
 FAKE = Path(__file__).resolve().parent.parent / "tests" / "upstream" / "fake_upstream.py"
 
@@ -45,32 +57,28 @@ async def _round(url: str, model: str, c: int, per: int, s: load.Sampling) -> lo
     return load.Round(c, c * per, wall, [o for r in results for o in r])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--api", default="ollama", choices=("ollama", "openai"))
-    ap.add_argument("--fake", type=float, default=0.0, metavar="DELAY",
-                    help="a fake node (tests/upstream/fake_upstream.py) with this delay per token instead of kiln")
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-upstream-bench-"))
-    gguf = smollm2_path()
-    assert gguf is not None, "the bundled model is not installed"
-    cfg = Config(gguf=gguf, threads=2, parallel=8, work_dir=tmp)
+def _front(cfg: Config, tmp: Path, upstream: str) -> Target:
+    config = tmp / "front.toml"
+    config.write_text(upstream)
+    return kiln(cfg, name="front", extra_env={"KILN_CONFIG": str(config), "KILN_MODELS": str(tmp / "front-models")})
+
+
+def hop(args: argparse.Namespace, cfg: Config, tmp: Path) -> None:
     node_t = kiln(cfg, name="node")
-    if args.fake:  # the fake node at a real engine's pace: only the hop's cost differs
-        node_t = Target("node", "smollm2:135m", argv=[sys.executable, str(FAKE), "--port", "{port}", "--models",
-                                                        "smollm2:135m", "--tokens", str(args.tokens),
-                                                        "--delay", str(args.fake)], ready_path="/health")
+    api, node_model = args.api, "smollm2:135m"
+    if args.engine == "fake":  # the fake node at a real engine's pace: only the hop's cost differs
+        node_t = Target("node", node_model, argv=[sys.executable, str(FAKE), "--port", "{port}", "--models",
+                                                  node_model, "--tokens", str(args.tokens),
+                                                  "--delay", str(args.fake)], ready_path="/health")
+    elif args.engine == "llama-server":
+        node_t = llama_server(cfg, build_llama_server(Path.home() / ".cache" / "kiln-bench"))
+        api, node_model = "openai", node_t.model
     with running(node_t, tmp) as node:
-        url = node.url + ("/v1" if args.api == "openai" else "")
-        config = tmp / "front.toml"
-        config.write_text(f'[[upstreams]]\nname = "node"\napi = "{args.api}"\nurls = ["{url}"]\n'
-                          f'models = {{"remote" = "smollm2:135m"}}\n')
-        front_t = kiln(cfg, name="front", extra_env={"KILN_CONFIG": str(config),
-                                                     "KILN_MODELS": str(tmp / "front-models")})
+        url = node.url + ("/v1" if api == "openai" else "")
+        front_t = _front(cfg, tmp, f'[[upstreams]]\nname = "node"\napi = "{api}"\nurls = ["{url}"]\n'
+                                   f'models = {{"remote" = "{node_model}"}}\n')
         with running(front_t, tmp) as front:
-            targets = {"direct": (node.url, "smollm2:135m"), "upstream": (front.url, "remote")}
+            targets = {"direct": (node.url, node_model), "upstream": (front.url, "remote")}
             s = load.Sampling(max_tokens=args.tokens, temperature=0.0, seed=1)
             for name, (u, m) in targets.items():
                 asyncio.run(load.warm_up(u, "openai", m, 8))
@@ -89,9 +97,72 @@ def main() -> None:
                 p = statistics.median(r["agg_tok_s"] for r in rows[("upstream", c)])
                 dt = statistics.median(r["ttft_p50_s"] for r in rows[("direct", c)])
                 pt = statistics.median(r["ttft_p50_s"] for r in rows[("upstream", c)])
-                print(json.dumps({"concurrency": c, "direct_tok_s": round(d, 1), "upstream_tok_s": round(p, 1),
-                                  "ratio": round(p / d, 3), "ttft_p50_direct_ms": round(dt * 1e3, 1),
+                print(json.dumps({"engine": args.engine, "api": api, "concurrency": c, "direct_tok_s": round(d, 1),
+                                  "upstream_tok_s": round(p, 1), "ratio": round(p / d, 3),
+                                  "ttft_p50_direct_ms": round(dt * 1e3, 1),
                                   "ttft_p50_upstream_ms": round(pt * 1e3, 1)}), flush=True)
+
+
+def _sent(front: Running) -> list[int]:
+    reps = httpx.get(front.url + "/health", timeout=10).json()["upstreams"]["nodes"]["replicas"]
+    return [r["requests"] for r in reps]
+
+
+def agent(args: argparse.Namespace, cfg: Config, tmp: Path) -> None:
+    s = load.Sampling(max_tokens=16, temperature=0.0, seed=1)
+    n1 = kiln(cfg, name="node1", extra_env={"KILN_MODELS": str(tmp / "node1-models")})
+    n2 = kiln(cfg, name="node2", extra_env={"KILN_MODELS": str(tmp / "node2-models")})
+    with running(n1, tmp) as node1, running(n2, tmp) as node2:
+        front_t = _front(cfg, tmp, f'[[upstreams]]\nname = "nodes"\napi = "ollama"\n'
+                                   f'urls = ["{node1.url}", "{node2.url}"]\nmodels = {{"remote" = "smollm2:135m"}}\n')
+        with running(front_t, tmp) as front:
+            for u, m in ((node1.url, "smollm2:135m"), (node2.url, "smollm2:135m")):
+                asyncio.run(load.warm_up(u, "openai", m, 2))
+            ratios: dict[str, list[float]] = {"direct": [], "upstream": []}
+            same = 0
+            for i in range(args.agent):
+                for name in (("direct", "upstream") if i % 2 == 0 else ("upstream", "direct")):
+                    url, model = (node1.url, "smollm2:135m") if name == "direct" else (front.url, "remote")
+                    before = _sent(front)
+                    # two sessions' worth of turns: the front's /health says where each went
+                    out: dict[str, Any] = asyncio.run(load.agent_session(url, "openai", model,
+                                                                         f"{name}-{i}-{uuid.uuid4().hex[:8]}", s))
+                    where = [b - a for a, b in zip(before, _sent(front))]
+                    if name == "upstream":
+                        same += max(where) == 2  # both turns on one replica
+                    if out["ratio"] is not None:
+                        ratios[name].append(out["ratio"])
+                    print(json.dumps({"target": name, "session": i, "ttft_first_s": out["ttft_first_s"],
+                                      "ttft_second_s": out["ttft_second_s"], "ratio": out["ratio"],
+                                      "prompt_tokens_first": out["prompt_tokens_first"],
+                                      "sent_to_replicas": where if name == "upstream" else None,
+                                      "errors": out["errors"]}), flush=True)
+            d, u = statistics.median(ratios["direct"]), statistics.median(ratios["upstream"])
+            print(json.dumps({"sessions": args.agent, "ratio_direct": round(d, 4), "ratio_upstream": round(u, 4),
+                              "upstream_over_direct": round(u / d, 2), "second_turn_on_first_turns_replica":
+                              f"{same}/{args.agent}"}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--api", default="ollama", choices=("ollama", "openai"))
+    ap.add_argument("--engine", default="kiln", choices=("kiln", "llama-server", "fake"))
+    ap.add_argument("--fake", type=float, default=0.0, metavar="DELAY",
+                    help="the fake node's delay per token (implies --engine fake)")
+    ap.add_argument("--agent", type=int, default=0, metavar="N", help="U13: N agent sessions each way")
+    args = ap.parse_args()
+    if args.fake:
+        args.engine = "fake"
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-upstream-bench-"))
+    gguf = smollm2_path()
+    assert gguf is not None, "the bundled model is not installed"
+    cfg = Config(gguf=gguf, threads=2, parallel=8, work_dir=tmp)
+    if args.agent:
+        agent(args, cfg, tmp)
+    else:
+        hop(args, cfg, tmp)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ at them. Every wait here is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,3 +110,59 @@ def wait_for(check: Any, timeout: float, step: float = 0.05) -> float:
             return time.monotonic() - t0
         time.sleep(step)
     raise AssertionError(f"not true within {timeout}s")
+
+
+@dataclass
+class Router:
+    """SMG (the SGLang model gateway, PyPI ``smg``) in front of some workers."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in httpx.get(self.url + "/v1/models", timeout=2).json().get("data") or []]
+
+
+def smg_binary() -> str:
+    found = Path(sys.executable).with_name("smg")  # the venv's own, from the test extras
+    if found.exists():
+        return str(found)
+    if os.environ.get("KILN_REQUIRE_REAL"):
+        pytest.fail("SMG is not installed (pip install 'smg==1.13.0', in kiln's test extras)")
+    pytest.skip("SMG is not installed")
+
+
+@pytest.fixture
+def smg(tmp_path: Path) -> Iterator[Any]:
+    """``smg(worker_urls, policy)`` -> a running SMG on loopback (its Prometheus listener
+    too, which defaults to 0.0.0.0), probing every second, never loading a tokenizer
+    (it would look for one on a hub). Waits until it lists the workers' models."""
+    started: list[Router] = []
+
+    def make(workers: list[str], policy: str = "cache_aware", expect: int = 1) -> Router:
+        port, prom = free_port(), free_port()
+        log = tmp_path / f"smg-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--disable-tokenizer-autoload",
+                 "--health-check-interval-secs", "1", "--worker-urls", *workers],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # its router is a child: killpg
+        router = Router(f"http://127.0.0.1:{port}", proc, log)
+        started.append(router)
+
+        def ready() -> bool:
+            try:
+                return len(router.models()) >= expect
+            except (httpx.HTTPError, ValueError):
+                return proc.poll() is None or pytest.fail(f"smg exited: {log.read_text()[-2000:]}")
+
+        wait_for(ready, 30.0, step=0.2)
+        return router
+
+    yield make
+    for r in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        r.proc.wait(5)
