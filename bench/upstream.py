@@ -58,8 +58,10 @@ async def _round(url: str, model: str, c: int, per: int, s: load.Sampling) -> lo
 
 
 def _front(cfg: Config, tmp: Path, upstream: str) -> Target:
+    # A cold 2,000-token prefill took 136 s on this machine under load: longer than the
+    # default first-token timeout (120 s), which would re-send it to the other replica.
     config = tmp / "front.toml"
-    config.write_text(upstream)
+    config.write_text(upstream + "first_token_timeout = 900\n")
     return kiln(cfg, name="front", extra_env={"KILN_CONFIG": str(config), "KILN_MODELS": str(tmp / "front-models")})
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.upstream.conftest import Node, wait_for
-from tests.upstream.test_routing import chat, sse_outcome
+from tests.upstream.test_routing import chat, sse_outcome, timed_chats
 
 HOST, INSIDE = "10.231.7.1", "10.231.7.2"
 STALL = 2.0
@@ -111,16 +111,7 @@ def test_partition_mid_load(netns, nodes, front) -> None:
         # one: the request is written, no answer comes), then is re-sent to B
         before = fleet()["replicas"][0]["requests"]
         ip("link", "set", "ku7n", "down", ns=netns)
-        lat: list[float] = []
-
-        def timed(i: int) -> httpx.Response:
-            t0 = time.monotonic()
-            r = chat(kiln.url, "m1", f"c{i}")
-            lat.append(time.monotonic() - t0)
-            return r
-
-        with ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(timed, range(4)))
+        replies, lat = timed_chats(kiln.url, "m1", 4)
         assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
         tried_a = fleet()["replicas"][0]["requests"] - before
         print(f"U7 fresh cut: 4/4 ok, {tried_a} tried A first and were re-sent; max latency {max(lat):.2f}s "

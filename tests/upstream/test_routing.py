@@ -31,6 +31,20 @@ def chat(url: str, model: str, content: str = "hi", stream: bool = False, system
                        timeout=timeout)
 
 
+def timed_chats(url: str, model: str, n: int) -> tuple[list[httpx.Response], list[float]]:
+    """``n`` non-streamed chats at once: the replies and each one's latency."""
+    lat: list[float] = []
+
+    def one(i: int) -> httpx.Response:
+        t0 = time.monotonic()
+        r = chat(url, model, f"n{i}")
+        lat.append(time.monotonic() - t0)
+        return r
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n))), lat
+
+
 def sse_outcome(url: str, model: str, kill_at: list[float], started: list[float] | None = None) -> dict[str, Any]:
     """One streamed chat: 'complete' (finish_reason then [DONE]), or 'error' and when.
     ``started`` gets one entry when the stream's first event arrives."""
@@ -134,16 +148,7 @@ def test_kill_a_node_mid_load(nodes, front) -> None:
     t = threading.Thread(target=killer, args=(a, 1.0, box))
     t0 = time.monotonic()
     t.start()
-    lat: list[float] = []
-
-    def timed(i: int) -> httpx.Response:
-        s = time.monotonic()
-        r = chat(kiln.url, "m1", f"n{i}")
-        lat.append(time.monotonic() - s)
-        return r
-
-    with ThreadPoolExecutor(8) as pool:
-        whole = list(pool.map(timed, range(8)))
+    whole, lat = timed_chats(kiln.url, "m1", 8)
     t.join()
     assert all(r.status_code == 200 for r in whole), [r.text for r in whole if r.status_code != 200]
     assert all(r.json()["choices"][0]["message"]["content"].count("t") == 40 for r in whole)

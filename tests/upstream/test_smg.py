@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import start_server, stop_server
 from tests.upstream.conftest import wait_for
-from tests.upstream.test_routing import chat, sse_outcome
+from tests.upstream.test_routing import chat, sse_outcome, timed_chats
 
 # SMG queues and balances behind its one URL; kiln probes it as one replica
 ROUTER = {"probe_interval": 0.5, "connect_timeout": 1.0, "first_token_timeout": 30.0, "stall_timeout": 5.0,
@@ -64,17 +64,8 @@ def test_a_node_killed_behind_smg(nodes, smg, front) -> None:
 
     back = wait_for(a_serves, 15.0, step=0.2)
     t = threading.Thread(target=killer, args=(1.0,))
-    lat: list[float] = []
-
-    def timed(i: int) -> httpx.Response:
-        t0 = time.monotonic()
-        r = chat(kiln.url, "m1", f"n{i}")
-        lat.append(time.monotonic() - t0)
-        return r
-
     t.start()
-    with ThreadPoolExecutor(8) as pool:
-        whole = list(pool.map(timed, range(8)))
+    whole, lat = timed_chats(kiln.url, "m1", 8)
     t.join()
     ok = [r for r in whole if r.status_code == 200 and r.json()["choices"][0]["message"]["content"].count("t") == 40]
     # kiln streams from SMG even for a whole answer, so SMG cannot re-send a request whose
