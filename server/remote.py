@@ -239,6 +239,13 @@ def _native(service: Service, name: str, every: bool = False) -> tuple[UpstreamP
     return p, u, mid, reps
 
 
+async def _call(p: UpstreamPool, r: Replica, *args: Any, **kw: Any) -> httpx.Response:
+    try:
+        return await p.call(r, *args, **kw)
+    except UpstreamUnavailable as e:  # the replica went away: 503 + Retry-After, as for a generation
+        raise Unavailable(str(e), headers={"Retry-After": str(e.retry_after)}) from None
+
+
 def is_native(service: Service, name: str) -> bool:
     p = pool(service)
     return p is not None and p.native(name) is not None
@@ -248,7 +255,7 @@ async def show(service: Service, name: str, verbose: bool = False) -> dict[str, 
     m = manifest(service, name)
     if is_native(service, name):  # the node's own answer: template, model_info, parameters, details
         p, u, mid, reps = _native(service, name)
-        resp = await p.call(reps[0], "POST", "/api/show", {"model": mid, "verbose": verbose})
+        resp = await _call(p, reps[0], "POST", "/api/show", {"model": mid, "verbose": verbose})
         if resp.status_code != 200:
             raise Refused(u, resp)
         out = resp.json()
@@ -272,7 +279,7 @@ async def load_or_unload(service: Service, name: str, keep_alive: float | None) 
     if keep_alive is not None:
         body["keep_alive"] = _keep_alive(keep_alive)
     targets = reps if keep_alive == 0 else reps[:1]
-    replies = await asyncio.gather(*(p.call(r, "POST", "/api/generate", body, timeout=u.config.first_token_timeout)
+    replies = await asyncio.gather(*(_call(p, r, "POST", "/api/generate", body, timeout=u.config.first_token_timeout)
                                      for r in targets))
     await p.refresh(u)
     for resp in replies:
@@ -285,7 +292,7 @@ async def copy(service: Service, source: str, destination: str) -> None:
     """``/api/copy`` of an upstream model: the copy is made on every replica that has it."""
     _managed(service, source, "copied")
     p, u, mid, reps = _native(service, source, every=True)
-    replies = await asyncio.gather(*(p.call(r, "POST", "/api/copy", {"source": mid, "destination": destination})
+    replies = await asyncio.gather(*(_call(p, r, "POST", "/api/copy", {"source": mid, "destination": destination})
                                      for r in reps))
     await p.refresh(u)
     for resp in replies:
@@ -298,7 +305,7 @@ async def delete(service: Service, name: str) -> None:
     model of the same name, shadowed, stays)."""
     _managed(service, name, "deleted")
     p, u, mid, reps = _native(service, name, every=True)
-    replies = await asyncio.gather(*(p.call(r, "DELETE", "/api/delete", {"model": mid}) for r in reps))
+    replies = await asyncio.gather(*(_call(p, r, "DELETE", "/api/delete", {"model": mid}) for r in reps))
     await p.refresh(u)
     for resp in replies:
         if resp.status_code != 200:
@@ -330,9 +337,9 @@ async def ps_entries(service: Service) -> list[dict[str, Any]]:
 
     async def ask(u: Upstream, r: Replica) -> None:
         try:
-            resp = await p.call(r, "GET", "/api/ps", timeout=2.0)
+            resp = await _call(p, r, "GET", "/api/ps", timeout=2.0)
             models = resp.json().get("models") or [] if resp.status_code == 200 else []
-        except (UpstreamUnavailable, ValueError, AttributeError):
+        except (Unavailable, ValueError, AttributeError):
             return
         for e in models:
             mid = e.get("name") or e.get("model") if isinstance(e, dict) else None
