@@ -129,6 +129,13 @@ def estimate_kv_bytes(m: Manifest, num_ctx: int, parallel: int, kv_type: str = "
     return int(per_token * num_ctx * parallel)
 
 
+def npu_capacity(m: Manifest) -> int:
+    """The static KV cache of a model compiled for the NPU first (its context), else 0."""
+    if not (m.devices and m.devices[0].upper().startswith("NPU") and m.extra.get("max_prompt_len")):
+        return 0
+    return int(m.extra["max_prompt_len"]) + int(m.extra.get("min_response_len") or 0)
+
+
 class Scheduler:
     def __init__(self, settings: Settings, store: ModelStore,
                  backend_factory: BackendFactory | None = None) -> None:
@@ -231,6 +238,9 @@ class Scheduler:
         ctx, why = max(int(num_ctx or 0), int(default)), None
         if trained and ctx > trained:
             ctx, why = trained, f"the model was trained for {trained} tokens"
+        compiled = npu_capacity(m)
+        if compiled and ctx > compiled:
+            ctx, why = compiled, f"it is compiled for the NPU with room for {compiled} tokens (MAX_PROMPT_LEN + MIN_RESPONSE_LEN)"
         parallel = self.settings.num_parallel or _auto_parallel()
         per_token = estimate_kv_bytes(m, 1, parallel, self.kv_cache_type(m))  # per token of context, all sequences
         if per_token:

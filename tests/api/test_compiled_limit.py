@@ -43,3 +43,16 @@ def test_a_prompt_within_the_limit_runs(make_client):
     r = c.post("/api/chat", json={"model": "smollm2:135m", "stream": False,
                                   "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
+
+
+def test_the_budget_counts_the_npu_static_cache_not_the_trained_context(make_client):
+    c = make_client()
+    store = c.app.state.store
+    m = store.get("smollm2:135m")  # trained for 8,192
+    m.name, m.backend, m.devices = "npu-model:1", "openvino", ["NPU", "CPU"]
+    m.extra = {"max_prompt_len": 2048, "min_response_len": 128}
+    store.put(m)
+    kiln = c.post("/api/show", json={"model": "npu-model:1"}).json()["kiln"]
+    assert kiln["max_prompt_len"] == 2048  # the compiled limits, shown
+    assert kiln["context_length"] == 2048 + 128
+    assert kiln["kv_cache"]["num_ctx"] == 2048 + 128 and kiln["kv_cache"]["bytes"] > 0
