@@ -177,6 +177,7 @@ class OpenVINOEngine(Engine):
             else:
                 pipe = g.LLMPipeline(str(self.path), device, **props)
                 self.cache = note + "none"
+        _canary(g, pipe)
         self.pipeline = "npu_static"
         return _NpuStatic(pipe, self.max_prompt_len, self.min_response_len)
 
@@ -320,6 +321,28 @@ class OpenVINOEngine(Engine):
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
+
+
+def _canary(g: Any, pipe: Any) -> None:
+    """Two greedy tokens after "Hello": a pipeline that answers only padding is broken for
+    this model, and must fail at load (so the next device is tried, the reason shown)
+    rather than return empty answers. Measured: Gemma 3 270M through the NPU pipeline
+    (NPUW on the CPU, OpenVINO 2026.4.1) gives only <pad>, for any prompt; on the CPU
+    pipeline the same IR answers."""
+    import numpy as np
+    import openvino as ov
+
+    tok = pipe.get_tokenizer()
+    pad = tok.get_pad_token_id()
+    if pad < 0:
+        return
+    cfg = g.GenerationConfig()
+    cfg.max_new_tokens, cfg.apply_chat_template = 2, False
+    ids = [int(x) for x in tok.encode("Hello", add_special_tokens=True).input_ids.data[0]]
+    out = [int(t) for t in pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), cfg).tokens[0]]
+    if out and all(t == pad for t in out):
+        raise BackendError("the NPU pipeline generates only padding for this model (a canary of two "
+                           "tokens after 'Hello'); it is not usable on this device")
 
 
 def _is_gguf(p: Path) -> bool:
