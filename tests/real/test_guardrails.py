@@ -119,10 +119,11 @@ def test_loop_guard_stops_the_kiln_haiku(ol, server):
     assert 'kiln_guardrail_stops_total{model="smollm2:135m",reason="loop"}' in metrics
 
 
-# Greedy SmolLM2 on this prompt writes seven facts, then "8. Cats are known for their love
-# of music and their ability to play musical instruments." again and again, renumbered:
-# the loop of kiln's story, which the guard let run to the token limit before issue 12.
-LOOPING_LIST = [{"role": "user", "content": "Write a numbered list of 30 facts about cats."}]
+# Greedy SmolLM2 on this prompt writes "1. A party with a birthday cake and a birthday party
+# theme." and then the same item renumbered, to the limit: the loop of kiln's story, which
+# the guard let run to the token limit before issue 12 (tests/data/guard_corpus.jsonl,
+# loop-list-04; "30 facts about cats" loops too, from item 8, but costs 4 times the tokens).
+LOOPING_LIST = [{"role": "user", "content": "Give me 30 ideas for a birthday party, one per line."}]
 
 
 def test_loop_guard_cuts_a_renumbered_list_ollama(server):
@@ -131,7 +132,7 @@ def test_loop_guard_cuts_a_renumbered_list_ollama(server):
     body = r.json()
     assert body["done_reason"] == "length" and r.headers["x-kiln-finish-reason"] == "loop", body
     assert "times in a row" in r.headers["x-kiln-finish-detail"]
-    assert body["eval_count"] < 300, body  # unguarded it runs on to the limit
+    assert body["eval_count"] < 100, body  # cut at the 4th item; unguarded it runs on to the limit
     # streamed (ollama-python): the same cut, in Ollama's words
     last = list(ollama.Client(host=server.url).chat(model=MODEL, messages=LOOPING_LIST, stream=True,
                                                     options={"temperature": 0, "num_predict": 400}))[-1]
@@ -143,7 +144,7 @@ def test_loop_guard_cuts_a_renumbered_list_openai(oa):
     raw = oa.chat.completions.with_raw_response.create(**kw)
     reply = raw.parse()
     assert reply.choices[0].finish_reason == "length" and raw.headers["x-kiln-finish-reason"] == "loop"
-    assert reply.usage.completion_tokens < 300
+    assert reply.usage.completion_tokens < 100
     chunks = [c for c in oa.chat.completions.create(stream=True, **kw) if c.choices]
     assert chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
