@@ -1,6 +1,7 @@
 # kiln's two everyday commands:
 #   make serve   installs kiln into .venv and serves the bundled model on 127.0.0.1:11434
 #   make test    installs the test extras and runs the tests
+#   make test-e2e  Open WebUI in headless Chromium against kiln (its own venv; minutes)
 # llama-cpp-python compiles from source the first time (about 6-13 minutes on 2 cores);
 # pip caches the wheel it builds, so later installs take seconds.
 
@@ -12,7 +13,7 @@ BIN = $(VENV)/bin
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast test-rpc bench clean
+.PHONY: install serve test test-fast test-rpc test-e2e bench clean
 
 $(BIN)/kiln: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +61,19 @@ test-rpc: $(VENV)/.test-deps
 test-fast: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -m "not real_model" $(PYTEST_ARGS)
 
+# Open WebUI 0.12.4 in headless Chromium against kiln (tests/e2e): its own virtualenv,
+# torch's CPU build first (open-webui would pull the CUDA one), several GB; Debian's
+# chromium (apt-get install chromium). Not part of `make test`: see the README.
+E2E_VENV ?= .venv-e2e
+$(E2E_VENV)/.ok:
+	$(PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/pip install --quiet --upgrade pip
+	$(E2E_VENV)/bin/pip install --retries 1 --timeout 20 torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(E2E_VENV)/bin/pip install open-webui==0.12.4
+	touch $@
+
+test-e2e: $(VENV)/.test-deps $(E2E_VENV)/.ok
+	KILN_E2E=1 KILN_OPEN_WEBUI=$(abspath $(E2E_VENV))/bin/open-webui $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(E2E_VENV)

@@ -1,7 +1,7 @@
 """The context a real client's first request needs, on a real ``kiln serve`` at default
 settings (no KILN_CONTEXT_LENGTH, no num_ctx in the requests), the bundled model on
 llama.cpp. Open WebUI's first chat is ~7,000 tokens (its 36 built-in tools): it must be
-answered on both dialects; a 9,000-token prompt, over the model's trained 8,192, must be
+answered on both dialects, as plain text and as that chat's own shape (tests/openwebui.py); a 9,000-token prompt, over the model's trained 8,192, must be
 refused in the words OpenClaw and OpenAI clients recognise; the context given back by
 /api/generate must carry the conversation."""
 
@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import json
+
 import httpx
 import openai
 import pytest
 
 from tests.conftest import Server, start_server, stop_server
+from tests.openwebui import first_chat
 
 pytestmark = pytest.mark.real_model
 
@@ -57,6 +60,36 @@ def test_7000_token_prompt_is_answered_on_both_dialects(default_server):
     out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     assert 6500 < out.usage.prompt_tokens < TRAINED
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+# Open WebUI 0.12's first chat, as it sends it at default settings (tests/openwebui.py):
+# 36 tools, streamed, nothing about the context. Open WebUI sends no length limit either;
+# here the answer is bounded, so that the test's time is the prompt's.
+@pytest.mark.timeout(2400)
+def test_open_webui_first_chat_with_36_tools_on_both_dialects(default_server):
+    body = {**first_chat(MODEL), "options": {"num_predict": 48}}
+    assert len(body["tools"]) == 36
+    with httpx.stream("POST", default_server.url + "/api/chat", json=body, timeout=2300) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    *chunks, final = lines
+    assert "error" not in final and final["done"] is True, final
+    assert 6500 < final["prompt_eval_count"] < TRAINED, final
+    answered = "".join(c["message"].get("content", "") for c in lines) or [
+        c["message"]["tool_calls"] for c in lines if c["message"].get("tool_calls")]
+    assert answered, lines  # an answer, or a call of one of the tools
+    assert final["done_reason"] in ("stop", "length")
+
+    # Open WebUI's OpenAI connection sends the same body to /v1 (the prefix is cached now)
+    client = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", timeout=600, max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=body["messages"], tools=body["tools"], stream=True,
+                                            max_tokens=48, stream_options={"include_usage": True})
+    out = list(stream)
+    assert 6500 < out[-1].usage.prompt_tokens < TRAINED
+    finish = [c.choices[0].finish_reason for c in out if c.choices and c.choices[0].finish_reason]
+    assert finish and finish[-1] in ("stop", "length", "tool_calls")
+    assert any(c.choices and (c.choices[0].delta.content or c.choices[0].delta.tool_calls) for c in out)
 
 
 def test_9000_token_prompt_is_refused_in_the_words_clients_know(default_server):
