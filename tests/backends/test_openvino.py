@@ -325,7 +325,7 @@ def test_npu_static_pipeline_streams(npu: InProcessBackend) -> None:
 def test_npu_chunked_prefill_answers_a_prompt_of_several_chunks(npu: InProcessBackend) -> None:
     # The agent-sized case in small: a prompt longer than the static prefill graph goes
     # through it chunk by chunk (PREFILL_HINT=DYNAMIC), and the answer follows all of it.
-    assert npu.engine.info()["prefill"] == "chunks of 128"
+    assert npu.engine.info().details["prefill"] == "chunks of 128"
     prompt = ", ".join(str(i) for i in range(1, 60)) + ","
     n = len(npu.engine.tokenize(prompt))
     assert 128 < n <= 256
