@@ -36,10 +36,13 @@ $(VENV)/.test-deps: $(BIN)/kiln
 # The whole suite on the default (llama.cpp) backend, and the black-box conformance
 # suite again against the same model served by OpenVINO on the CPU and through the NPU
 # pipeline (NPUW on the CPU), through an upstream (a second kiln node reached over
-# [[upstreams]], about 4 minutes), and on Gemma 3 270M (llama.cpp, about 5 minutes). Every
-# run must pass; an empty run (pytest's exit 5) fails.
+# [[upstreams]], about 4 minutes), and on Gemma 3 270M (llama.cpp, about 5 minutes); and
+# mypy first ([tool.mypy] in pyproject.toml: server/ and backends/). Every run must pass; an
+# empty run (pytest's exit 5) fails.
 test: $(VENV)/.test-deps
 	@status=0; \
+	echo "== mypy"; \
+	$(BIN)/python -m mypy || status=1; \
 	for backend in openvino-cpu openvino-npu upstream; do \
 		echo "== conformance suite on $$backend"; \
 		KILN_CONFORMANCE_BACKEND=$$backend $(BIN)/python -m pytest tests/real/test_clients.py $(PYTEST_ARGS) || status=1; \

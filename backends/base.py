@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -263,8 +263,8 @@ class Backend(abc.ABC):
         """Load the model; returns (and keeps) ``Engine.info()``."""
 
     @abc.abstractmethod
-    def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Generate. Closing the iterator early cancels the request in the engine."""
+    def stream(self, req: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        """Generate. Closing the generator early cancels the request in the engine."""
 
     @abc.abstractmethod
     async def tokenize(self, text: str) -> list[int]: ...
@@ -311,7 +311,7 @@ class InProcessBackend(Backend):
         self.info = self.engine.info()
         return self.info
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, req: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         assert self.engine is not None, "load() first"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()

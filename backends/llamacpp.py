@@ -137,6 +137,7 @@ class _Splitter:
         cuts = sorted((t for group in self.by_len.values() for t in group), key=len, reverse=True)
         # Candidates: where a special token starts. An alternation of a few hundred
         # literals runs in C; beyond (Gemma has 6,000 unused tokens) the first characters.
+        self.first: re.Pattern[str] | None
         if len(cuts) > 512:
             self.first = re.compile("[" + "".join(re.escape(c) for c in sorted({t[0] for t in cuts})) + "]")
         else:
@@ -190,14 +191,15 @@ class _Candidates:
         row = L.llama_get_logits_ith(ctx, i)
         self.buf["logit"] = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
         self.buf["id"] = self.ids  # samplers reorder the array in place
-        a = self.arr
+        a: Any = self.arr  # (ctypes' stubs want an Array where C takes a pointer)
         a.data, a.size, a.selected, a.sorted = self.ptr, self.n_vocab, -1, False
         return ctypes.byref(a)
 
     def just(self, tok: int) -> Any:
         """An array of one token, to ask a grammar about it."""
-        self.one[0].id, self.one[0].logit, self.one[0].p = tok, 0.0, 0.0
-        a = self.one_arr
+        one: Any = self.one[0]
+        one.id, one.logit, one.p = tok, 0.0, 0.0
+        a: Any = self.one_arr
         a.data, a.size, a.selected, a.sorted = self.one_ptr, 1, -1, False
         return ctypes.byref(a)
 
@@ -597,10 +599,10 @@ class LlamaCppEngine(Engine):
         with self._cond:
             dropped, left = self._dropped, list(self._waiting)
             self._dropped, self._waiting = [], collections.deque()
-        for e in dropped:
-            _safe_emit(e.emit, Chunk(finish_reason=FinishReason.CANCELLED))
-        for e in left:
-            _safe_emit(e.emit, Chunk(finish_reason=FinishReason.ERROR, detail="the model was unloaded"))
+        for entry in dropped:
+            _safe_emit(entry.emit, Chunk(finish_reason=FinishReason.CANCELLED))
+        for entry in left:
+            _safe_emit(entry.emit, Chunk(finish_reason=FinishReason.ERROR, detail="the model was unloaded"))
         for s in list(self._active):
             self._finish(s, FinishReason.ERROR, "the model was unloaded")
 
@@ -733,7 +735,7 @@ class LlamaCppEngine(Engine):
 
     def _bias_and_penalties(self, chain: Any, sp: SamplingParams, prompt: list[int]) -> None:
         if sp.logit_bias:
-            arr = (L.llama_logit_bias * len(sp.logit_bias))()
+            arr: Any = (L.llama_logit_bias * len(sp.logit_bias))()
             for k, (tok, bias) in enumerate(sp.logit_bias):
                 # OpenAI's -100 bans the token: exactly, not as a large negative number
                 arr[k].token, arr[k].bias = int(tok), -math.inf if bias <= -100 else float(bias)

@@ -88,6 +88,7 @@ class Stats(Message, tag="stats"):
 
 
 ToWorker = Load | Generate | Cancel | Prepare | Tokenize | Detokenize | Embed | Stats
+Call = Prepare | Tokenize | Detokenize | Embed | Stats  # answered by one ``Reply``
 
 
 # -- worker -> gateway ---------------------------------------------------------------

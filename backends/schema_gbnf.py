@@ -606,7 +606,8 @@ class _Converter:
         lo, hi = _count(s, "minProperties") or 0, _count(s, "maxProperties")
         if not props and extra is True and not lo and hi is None:
             return self.prim("object")
-        req, opt = [], []
+        req: list[str] = []
+        opt: list[str] = []
         for k, sub in props.items():
             if sub is False and k in required:
                 raise SchemaError(f"required property {k!r} has the schema false")

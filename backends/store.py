@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,7 +304,7 @@ class ModelStore:
                     continue
         return used
 
-    def _release(self, refs: list[FileRef]) -> None:
+    def _release(self, refs: Iterable[FileRef]) -> None:  # (``list`` here is the method above)
         """Deletes the files of a deleted or replaced manifest that no manifest uses
         any more: only the store's own (blobs, IR directories), never a bundled file."""
         used = self._referenced()

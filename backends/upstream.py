@@ -37,7 +37,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -327,10 +327,10 @@ class UpstreamPool:
                 loaded = ids  # an OpenAI server serves what it lists
         except (httpx.HTTPError, ValueError, AttributeError) as e:
             return False, f"model list: {type(e).__name__}: {e}"
-        ids = [i for i in ids if isinstance(i, str)]
+        names = [i for i in ids if isinstance(i, str)]
         if c.models is None:
-            r.served = {key(i) for i in ids}
-            r.ids = {key(i): i for i in ids}
+            r.served = {key(i) for i in names}
+            r.ids = {key(i): i for i in names}
         r.loaded = {key(i) for i in loaded if isinstance(i, str)}
         return True, ""
 
@@ -361,7 +361,7 @@ class UpstreamPool:
         # Fewest in flight; on a tie the one sent fewest so far, so ties do not drift one way.
         return min(pool, key=lambda r: (r.inflight, r.routed))
 
-    async def stream(self, name: str, req: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, name: str, req: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         u = self.find(name)
         if u is None:
             raise ModelNotFound(name)
@@ -377,7 +377,7 @@ class UpstreamPool:
         finally:
             self.active[k] -= 1
 
-    async def _route(self, u: Upstream, model_id: str, ureq: UpstreamRequest) -> AsyncIterator[Chunk]:
+    async def _route(self, u: Upstream, model_id: str, ureq: UpstreamRequest) -> AsyncGenerator[Chunk, None]:
         tried: set[int] = set()
         again: set[int] = set()  # replicas a whole request was sent to a second time
         last = ""
@@ -421,7 +421,7 @@ class UpstreamPool:
             finally:
                 r.inflight -= 1
 
-    async def _once(self, r: Replica, model_id: str, req: UpstreamRequest) -> AsyncIterator[Chunk]:
+    async def _once(self, r: Replica, model_id: str, req: UpstreamRequest) -> AsyncGenerator[Chunk, None]:
         """One attempt on one replica. Raises ``_Retry`` while nothing was yielded (or, for
         a ``whole`` request, for any failure), ``BackendError`` after."""
         c = r.upstream.config
@@ -453,7 +453,7 @@ class UpstreamPool:
                     event = wire.parse_line(c.api, line)
                     if event is None:
                         continue
-                    chunks = decoder.end() if event == "done" else decoder.feed(event)
+                    chunks = decoder.feed(event) if isinstance(event, dict) else decoder.end()  # "done"
                     for chunk in chunks:
                         yield chunk
                         yielded = True
@@ -537,7 +537,7 @@ class UpstreamBackend(Backend):
         self.info.details = self.pool.where(self.name)
         return self.info
 
-    def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+    def stream(self, req: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         return self.pool.stream(self.name, req)
 
     async def tokenize(self, text: str) -> list[int]:

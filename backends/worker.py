@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from backends import protocol as wire
@@ -248,7 +248,7 @@ class WorkerBackend(Backend):
             raise wire.exception(reply.kind, reply.message)
         return reply
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, req: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         q = _Inbox()
         self._pending[req.id] = q
         finished = False
@@ -354,34 +354,39 @@ def main() -> None:
         return
     send(wire.Ready(info=engine.info()))
 
-    def reply(rid: str, call: Callable[[], wire.Reply]) -> None:
+    def emitter(rid: str) -> Callable[[Chunk], None]:
+        return lambda chunk: send(wire.ChunkOut(id=rid, chunk=chunk))
+
+    def answer(msg: wire.Call) -> wire.Reply:
+        if isinstance(msg, wire.Prepare):
+            return wire.Tokens(id=msg.id, ids=engine.prepare(msg.req))
+        if isinstance(msg, wire.Tokenize):
+            return wire.Tokens(id=msg.id, ids=engine.tokenize(msg.text))
+        if isinstance(msg, wire.Detokenize):
+            return wire.Text(id=msg.id, text=engine.detokenize(msg.ids))
+        if isinstance(msg, wire.Embed):
+            return wire.Vectors(id=msg.id, embeddings=engine.embed(msg.texts))
+        return wire.StatsOut(id=msg.id, stats=engine.stats())
+
+    def reply(msg: wire.Call) -> None:
         try:
-            send(call())
+            send(answer(msg))
         except Exception as e:  # noqa: BLE001 - the call's error goes back with its kind
             if wire.kind_of(e) == "engine":
-                log.exception("%s failed", call)
-            send(wire.error_of(rid, e))
-
-    def in_thread(rid: str, call: Callable[[], wire.Reply]) -> None:
-        threading.Thread(target=reply, args=(rid, call), daemon=True).start()
+                log.exception("%s failed", type(msg).__name__)
+            send(wire.error_of(msg.id, e))
 
     try:
         for line in sys.stdin.buffer:
             msg = wire.to_worker(line)
             if isinstance(msg, wire.Generate):
-                engine.submit(msg.req, lambda c, rid=msg.id: send(wire.ChunkOut(id=rid, chunk=c)))
+                engine.submit(msg.req, emitter(msg.id))
             elif isinstance(msg, wire.Cancel):
                 engine.cancel(msg.id)
-            elif isinstance(msg, wire.Prepare):
-                in_thread(msg.id, lambda m=msg: wire.Tokens(id=m.id, ids=engine.prepare(m.req)))
-            elif isinstance(msg, wire.Tokenize):
-                in_thread(msg.id, lambda m=msg: wire.Tokens(id=m.id, ids=engine.tokenize(m.text)))
-            elif isinstance(msg, wire.Detokenize):
-                in_thread(msg.id, lambda m=msg: wire.Text(id=m.id, text=engine.detokenize(m.ids)))
-            elif isinstance(msg, wire.Embed):
-                in_thread(msg.id, lambda m=msg: wire.Vectors(id=m.id, embeddings=engine.embed(m.texts)))
             elif isinstance(msg, wire.Stats):
-                reply(msg.id, lambda m=msg: wire.StatsOut(id=m.id, stats=engine.stats()))
+                reply(msg)  # counters: answered at once
+            elif not isinstance(msg, wire.Load):  # a call that may take a while: in its own thread
+                threading.Thread(target=reply, args=(msg,), daemon=True).start()
     finally:
         engine.close()
 

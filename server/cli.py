@@ -69,7 +69,7 @@ class Client:
             raise CLIError(f"Error: could not connect to kiln at {self.base}; is `kiln serve` running?") from None
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -63,6 +63,7 @@ def _with_deadline(base: type, seconds: float) -> type:
 
 def http_protocol(seconds: float) -> type:
     """The protocol class uvicorn's ``http="auto"`` would pick, with the deadline."""
+    base: type
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:  # httptools is a dependency; h11 is uvicorn's fallback

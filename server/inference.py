@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,7 +251,7 @@ class Service:
         return f"{pre}{prompt}{suf}{inf.suffix}{mid}"
 
     # -- running it --------------------------------------------------------------------
-    async def stream(self, inf: Inference) -> AsyncIterator[Any]:
+    async def stream(self, inf: Inference) -> AsyncGenerator[Any, None]:
         """Yields ``Ready`` once the request holds a slot, then ``Chunk``s, then a ``Result``."""
         t0 = time.monotonic_ns()
         if self.draining:
@@ -301,7 +301,7 @@ class Service:
             yield result
 
     async def _choices(self, lease: Any, p: Prepared, trace: dict[str, Any], t0: int,
-                       n_prompt: int) -> AsyncIterator[Any]:
+                       n_prompt: int) -> AsyncGenerator[Any, None]:
         """``Inference.n`` sequences at once, one engine request each, in one prefix group:
         the engine evaluates the prompt once and copies its KV cache to the others. Each has
         its own seed (the request's + its index), loop guard, thinking and tool-call split;
@@ -421,7 +421,7 @@ class Service:
         if req.sampling.logit_bias:
             if not caps.logit_bias:
                 raise BadRequest(f"logit_bias is not available on the {name} backend (llama.cpp models have it)")
-            n_vocab = runner.info.n_vocab
+            n_vocab = runner.info.n_vocab or 0
             bad = [t for t, _ in req.sampling.logit_bias if n_vocab and not 0 <= t < n_vocab]
             if bad:
                 raise BadRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
@@ -497,7 +497,8 @@ class _Run:
         self.s, self.p, self.trace, self.t0 = service, p, trace, t0
         self.name = p.manifest.name
         self.usage = Usage(prompt_tokens=n_prompt)
-        self.finish_reason, self.detail = FinishReason.STOP, None
+        self.finish_reason = FinishReason.STOP
+        self.detail: str | None = None
         self.stop_sequence: str | None = None
         config = p.policy.guard_config()
         if p.request.constrained:

@@ -113,6 +113,7 @@ class Gatekeeper:
         origin = headers.get(b"origin", b"").decode("latin-1")
         status = 0
         rejected = False
+        seen = 0
 
         async def send_wrapped(message: Message) -> None:
             nonlocal status
@@ -136,7 +137,6 @@ class Gatekeeper:
                     return {"type": "http.disconnect"}  # the app stops reading
             return message
 
-        seen = 0
         try:
             refusal = self._refusal(scope, path, headers, repeated, origin)
             if refusal is not None:

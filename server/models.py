@@ -194,7 +194,7 @@ def _check_public(host: str) -> None:
     except socket.gaierror as e:
         raise Offline(hostname, f"cannot resolve the name: {e.strerror}") from None
     for a in addrs:
-        ip = ipaddress.ip_address(a.split("%")[0])
+        ip = ipaddress.ip_address(str(a).split("%")[0])
         if not ip.is_global:
             raise BadRequest(f"refusing to pull from {hostname}: it resolves to a non-public address ({ip})")
 

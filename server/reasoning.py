@@ -26,7 +26,8 @@ class ThinkStream:
             self.opened_by_prompt = False
             if head.startswith(OPEN):
                 buf = head[len(OPEN):]
-        thinking, content = [], []
+        thinking: list[str] = []
+        content: list[str] = []
         while buf:
             tag = CLOSE if self.inside else OPEN
             i = buf.find(tag)

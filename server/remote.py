@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -129,7 +129,7 @@ def _request(service: Service, inf: Inference) -> Prepared:
     return Prepared(m, inf, req, None, policy, notes, tool_stream)
 
 
-async def stream(service: Service, inf: Inference) -> AsyncIterator[Any]:
+async def stream(service: Service, inf: Inference) -> AsyncGenerator[Any, None]:
     """``Service.stream`` for an upstream model: ``Ready``, ``Chunk``s, then a ``Result``."""
     t0 = time.monotonic_ns()
     trace = inf.trace if inf.trace is not None else {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -112,7 +112,7 @@ async def with_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return JSONResponse({"error": "client disconnected"}, status_code=499)
 
 
-async def respond(request: Request, items: AsyncIterator[Any], *, stream: bool, media_type: str,
+async def respond(request: Request, items: AsyncGenerator[Any, None], *, stream: bool, media_type: str,
                   encode: Callable[[Any], bytes | None], on_error: Callable[[str], bytes],
                   whole: Callable[[str, Result], dict[str, Any]]) -> Response:
     """The response for a primed generation: ``items`` yields ``Ready`` first (once

@@ -158,11 +158,11 @@ class _ContinuousBatching(_Runner):
                 except Exception as e:  # noqa: BLE001
                     st.fail(f"could not start the request: {short_error(e)}")
             for rid in cancels:
-                st = self.active.pop(rid, None)
-                if st is not None:
+                running = self.active.pop(rid, None)
+                if running is not None:
                     self.handles.pop(rid).cancel()
-                    st.cancelled = True
-                    st.finish(FinishReason.CANCELLED)
+                    running.cancelled = True
+                    running.finish(FinishReason.CANCELLED)
             if self.pipe is None or (not self.active and not self.pipe.has_non_finished_requests()):
                 continue
             try:
@@ -298,7 +298,7 @@ class _NpuStatic(_Runner):
         ids, cfg = prepared
         state = {"stop": False}
 
-        class Streamer(g.StreamerBase):
+        class Streamer(g.StreamerBase):  # type: ignore[name-defined]  # g is the module, imported at load
             def write(self, token: Any) -> Any:
                 tokens = token if isinstance(token, list) else [token]
                 if st.feed([int(t) for t in tokens]):
@@ -335,11 +335,11 @@ class _NpuStatic(_Runner):
                 st.cancelled = True
         while True:  # requests still waiting get an answer, not silence
             try:
-                st = self.queue.get_nowait()
+                waiting = self.queue.get_nowait()
             except queue.Empty:
                 break
-            if st is not None:
-                st.fail("the model was unloaded")
+            if waiting is not None:
+                waiting.fail("the model was unloaded")
         self.queue.put(None)
         if self.thread is not None:
             self.thread.join(timeout=60)

@@ -5,7 +5,7 @@ are in Anthropic's shape (server/errors.py ``dialect``), before and inside the s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -28,7 +28,7 @@ def _events(pairs: list[tuple[str, dict[str, Any]]]) -> bytes:
     return b"".join(sse_named(name, data) for name, data in pairs)
 
 
-async def _noting_ready(items: AsyncIterator[Any], seen: list[Ready]) -> AsyncIterator[Any]:
+async def _noting_ready(items: AsyncGenerator[Any, None], seen: list[Ready]) -> AsyncGenerator[Any, None]:
     """Passes the items on, keeping the ``Ready`` (its prompt count opens the stream)."""
     async with contextlib.aclosing(items):
         async for item in items:

@@ -266,7 +266,7 @@ class MessageStream:
         self.open: str | None = None  # the type of the block being streamed
 
     def start(self, prompt_tokens: int) -> list[tuple[str, dict[str, Any]]]:
-        msg = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+        msg: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
         return [("message_start", {"type": "message_start", "message": msg}), ("ping", {"type": "ping"})]

@@ -288,7 +288,7 @@ class ResponseBuilder:
             if self.open != kind:
                 out += self._open(kind)
             self.buf.append(piece)
-            extra = {"logprobs": []} if kind == "message" else {}
+            extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
             out.append(self._event(event, item_id=self.item_id, output_index=len(self.items), content_index=0,
                                    delta=piece, **extra))
         return out
