@@ -44,6 +44,7 @@ class Capabilities:
     embeddings: bool = False
     grammar: bool = False  # JSON-schema constrained decoding
     logprobs: bool = False  # SamplingParams.logprobs: Chunk.logprobs of the sampled tokens
+    max_top_logprobs: int = 20  # the most alternatives it can give per token (SamplingParams.logprobs)
     logit_bias: bool = False  # SamplingParams.logit_bias
 
 
@@ -222,7 +223,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]: ...
 
-    def embed(self, texts: list[str]) -> Embeddings:
+    def embed(self, texts: list[str | list[int]]) -> Embeddings:
+        """One vector per input: a text, or token ids (the gateway checked them against
+        ``EngineInfo.n_vocab``) embedded as they are."""
         raise InvalidRequest(f"the {self.name} backend does not compute embeddings")
 
     def detokenize(self, ids: list[int]) -> str:
@@ -233,8 +236,9 @@ class Engine(abc.ABC):
     def prepare(self, req: GenerationRequest) -> list[int]:
         """The prompt's token ids, after checking what the engine would refuse once
         generating (a schema it cannot turn into a grammar): the one call the gateway makes
-        before the first token. Raises ``InvalidRequest`` for a 400."""
-        return self.tokenize(req.prompt)
+        before the first token. Raises ``InvalidRequest`` for a 400. A request that came
+        with ``tokens`` (a prompt of token ids) is not tokenized: they are its ids."""
+        return list(req.tokens) if req.tokens is not None else self.tokenize(req.prompt)
 
     @abc.abstractmethod
     def info(self) -> EngineInfo:
@@ -270,7 +274,7 @@ class Backend(abc.ABC):
     async def tokenize(self, text: str) -> list[int]: ...
 
     @abc.abstractmethod
-    async def embed(self, texts: list[str]) -> Embeddings: ...
+    async def embed(self, texts: list[str | list[int]]) -> Embeddings: ...
 
     async def detokenize(self, ids: list[int]) -> str:
         raise InvalidRequest("this backend cannot turn token ids back into text")
@@ -337,7 +341,7 @@ class InProcessBackend(Backend):
         assert self.engine is not None
         return await asyncio.to_thread(self.engine.tokenize, text)
 
-    async def embed(self, texts: list[str]) -> Embeddings:
+    async def embed(self, texts: list[str | list[int]]) -> Embeddings:
         assert self.engine is not None
         return await asyncio.to_thread(self.engine.embed, texts)
 

@@ -124,14 +124,14 @@ class FakeEngine(Engine):
         """The words of ids this engine made (its ids are hashes: only seen ones come back)."""
         return " ".join(FakeEngine.words.get(i, "?") for i in ids)
 
-    def embed(self, texts: list[str]) -> Embeddings:
+    def embed(self, texts: list[str | list[int]]) -> Embeddings:
         if self.spec.extra.get("embed_error"):
             raise BackendError(self.spec.extra["embed_error"])
         vecs = []
         for t in texts:
-            d = hashlib.sha256(t.encode()).digest()
+            d = hashlib.sha256(t.encode() if isinstance(t, str) else str(t).encode()).digest()
             vecs.append([(b - 127.5) / 127.5 for b in d[:16]])
-        return Embeddings(vecs, sum(len(self.tokenize(t)) for t in texts))
+        return Embeddings(vecs, sum(len(self.tokenize(t)) if isinstance(t, str) else len(t) for t in texts))
 
     def info(self) -> EngineInfo:
         # extra["info"]: what a real engine would report (an NPU's compiled limits, say)

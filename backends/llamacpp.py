@@ -481,11 +481,13 @@ class LlamaCppEngine(Engine):
             n = L.llama_detokenize(self.vocab, arr, len(ids), buf, size, True, True)
         return buf.raw[: max(n, 0)].decode("utf-8", "replace")
 
-    def embed(self, texts: list[str]) -> Embeddings:
+    def embed(self, texts: list[str | list[int]]) -> Embeddings:
         with self._emb_lock:
             if self._closed:
                 raise BackendError("the model is unloaded")
-            toks = [self.tokenize(t) for t in texts]
+            toks = [self.tokenize(t) if isinstance(t, str) else list(t) for t in texts]
+            if any(not 0 <= tok < self.n_vocab for t in toks for tok in t):
+                raise InvalidRequest(f"a token id is outside the vocabulary (0..{self.n_vocab - 1})")
             for t in toks:
                 if not t:
                     raise InvalidRequest("cannot embed an empty text (0 tokens)")
@@ -529,7 +531,7 @@ class LlamaCppEngine(Engine):
         g = self._grammar_sampler(req)  # a schema that cannot be enforced is a 400 now, not mid-stream
         if g:
             L.llama_sampler_free(g)
-        return self.tokenize(req.prompt)
+        return list(req.tokens) if req.tokens is not None else self.tokenize(req.prompt)
 
     def _grammar_sampler(self, req: GenerationRequest) -> Any:
         """The request's grammar as a sampler (the caller frees it), or None."""

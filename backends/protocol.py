@@ -80,7 +80,7 @@ class Detokenize(Message, tag="detokenize"):
 
 class Embed(Message, tag="embed"):
     id: str
-    texts: list[str]
+    texts: list[str | list[int]]  # each a text or token ids
 
 
 class Stats(Message, tag="stats"):

@@ -543,8 +543,10 @@ class UpstreamBackend(Backend):
     async def tokenize(self, text: str) -> list[int]:
         raise InvalidRequest("an upstream model's tokens are counted by the upstream")
 
-    async def embed(self, texts: list[str]) -> Embeddings:
-        return await self.pool.embed(self.name, texts)
+    async def embed(self, texts: list[str | list[int]]) -> Embeddings:
+        if any(not isinstance(t, str) for t in texts):
+            raise InvalidRequest("token ids cannot be embedded by an upstream model: its tokenizer is not kiln's")
+        return await self.pool.embed(self.name, [t for t in texts if isinstance(t, str)])
 
     async def _prepare(self, req: GenerationRequest) -> list[int]:
         """The upstream renders, counts and checks what it can serve (its 4xx reaches the

@@ -280,7 +280,7 @@ class WorkerBackend(Backend):
         assert isinstance(reply, wire.Tokens)
         return reply.ids
 
-    async def embed(self, texts: list[str]) -> Embeddings:
+    async def embed(self, texts: list[str | list[int]]) -> Embeddings:
         reply = await self._call(wire.Embed(id=_rid(), texts=texts))
         assert isinstance(reply, wire.Vectors)
         return reply.embeddings

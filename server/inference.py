@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ class Inference:
     model: str
     messages: list[dict[str, Any]] | None = None  # chat
     prompt: str | None = None  # completion
+    prompt_ids: list[int] | None = None  # completion: the prompt as token ids (raw; the engine gets them as they are)
     system: str | None = None
     template: str | None = None
     raw: bool = False
@@ -132,6 +133,16 @@ class Prepared:
     prefix: str = ""  # the text of Inference.context, before the rendered prompt
 
 
+def check_ids(ids: list[int], n_vocab: int | None, field: str) -> None:
+    """A 400 naming the first token id outside the model's vocabulary."""
+    if not n_vocab:
+        raise BadRequest(f"{field}: this model's engine does not say its vocabulary size, so token ids "
+                         f"cannot be checked; give text")
+    for t in ids:
+        if not 0 <= t < n_vocab:
+            raise BadRequest(f"{field}: token id {t} is outside the vocabulary (0..{n_vocab - 1})")
+
+
 class Service:
     def __init__(self, settings: Settings, store: ModelStore, scheduler: Scheduler,
                  metrics: Metrics | None = None, renderer: RenderPool | None = None) -> None:
@@ -172,6 +183,8 @@ class Service:
         fns, forced = self._tools(inf, policy)
         req = GenerationRequest(prompt=await self.render(m, inf, fns), sampling=resolved.sampling)
         req.sampling.logprobs = inf.logprobs
+        if inf.prompt_ids is not None:
+            req.tokens = list(inf.prompt_ids)  # checked against the vocabulary in _check_features
         req.sampling.logit_bias = sorted((inf.logit_bias or {}).items())
         try:
             req.prompt.encode("utf-8")
@@ -416,8 +429,15 @@ class Service:
     def _check_features(runner: Runner, req: GenerationRequest) -> None:
         """A 400 for what this model's engine cannot give, before anything streams."""
         caps, name = runner.info.capabilities, runner.spec.backend
+        if req.tokens is not None:  # a prompt given as token ids
+            check_ids(req.tokens, runner.info.n_vocab, "prompt")
         if req.sampling.logprobs is not None and not caps.logprobs:
-            raise BadRequest(f"logprobs are not available on the {name} backend (llama.cpp models have them)")
+            where = f"the {name} backend" + ("'s NPU pipeline" if runner.info.max_prompt_len else "")
+            raise BadRequest(f"logprobs are not available on {where} (llama.cpp models have them)")
+        if req.sampling.logprobs and req.sampling.logprobs > caps.max_top_logprobs:
+            raise BadRequest(f"top_logprobs={req.sampling.logprobs} (alternatives per token): the {name} backend "
+                             + (f"gives at most {caps.max_top_logprobs}" if caps.max_top_logprobs else
+                                "reports only the sampled token's log-probability; ask for 0"))
         if req.sampling.logit_bias:
             if not caps.logit_bias:
                 raise BadRequest(f"logit_bias is not available on the {name} backend (llama.cpp models have it)")
@@ -452,9 +472,9 @@ class Service:
         async with self.scheduler.use(p.manifest, num_ctx=p.num_ctx, keep_alive=inf.keep_alive) as lease:
             return len(await lease.runner.backend.tokenize(p.request.prompt))
 
-    async def embed(self, model: str, texts: list[str], *, keep_alive: float | None = None,
+    async def embed(self, model: str, texts: Sequence[str | list[int]], *, keep_alive: float | None = None,
                     options: dict[str, Any] | None = None) -> Embedded:
-        """Raw (not normalised) vectors, one per text."""
+        """Raw (not normalised) vectors, one per text or list of token ids."""
         t0 = time.monotonic_ns()
         if self.upstreams is not None and self.upstreams.find(model) is not None:
             from server import remote
@@ -465,7 +485,10 @@ class Service:
         async with self.scheduler.use(m, keep_alive=keep_alive) as lease:
             if texts and not lease.runner.backend.capabilities.embeddings:
                 raise BadRequest(f"the {m.backend} backend does not compute embeddings")
-            result = await lease.runner.backend.embed(texts) if texts else None
+            for t in texts:
+                if not isinstance(t, str):
+                    check_ids(t, lease.runner.info.n_vocab, "input")
+            result = await lease.runner.backend.embed(list(texts)) if texts else None
         return Embedded(result.vectors if result else [], result.prompt_tokens if result else 0,
                         time.monotonic_ns() - t0, lease.load_ns)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -100,6 +100,9 @@ def _request(service: Service, inf: Inference) -> Prepared:
     if inf.context:
         raise BadRequest("context (token ids) cannot be sent to an upstream model: its tokenizer is not kiln's; "
                          "send the conversation with /api/chat instead")
+    if inf.prompt_ids is not None:
+        raise BadRequest("a prompt of token ids cannot be sent to an upstream model: its tokenizer is not kiln's; "
+                         "give the prompt as text")
     if inf.logprobs is not None or inf.logit_bias:
         raise BadRequest("logprobs and logit_bias are not available for an upstream model: kiln does not relay them")
     m = manifest(service, inf.model)
@@ -170,12 +173,15 @@ async def stream(service: Service, inf: Inference) -> AsyncGenerator[Any, None]:
         await chunks.aclose()  # closes the upstream's connection now, not when collected
 
 
-async def embed(service: Service, model: str, texts: list[str]) -> Embedded:
+async def embed(service: Service, model: str, texts: Sequence[str | list[int]]) -> Embedded:
     t0 = time.monotonic_ns()
+    if any(not isinstance(t, str) for t in texts):
+        raise BadRequest("token ids cannot be embedded by an upstream model: its tokenizer is not kiln's; "
+                         "give the input as text")
     if not texts:
         return Embedded([], 0, time.monotonic_ns() - t0, 0)
     try:
-        out = await UpstreamBackend(pool(service), model).embed(texts)  # type: ignore[arg-type]
+        out = await UpstreamBackend(pool(service), model).embed([t for t in texts if isinstance(t, str)])  # type: ignore[arg-type]
     except UpstreamUnavailable as e:
         raise Unavailable(str(e), headers={"Retry-After": str(e.retry_after)}) from None
     return Embedded(out.vectors, out.prompt_tokens, time.monotonic_ns() - t0, 0)

@@ -49,6 +49,28 @@ def sse_named(event: str, obj: Any) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
+def sse_events(pairs: list[tuple[str, dict[str, Any]]]) -> bytes:
+    """Named events in order (Anthropic's and the Responses API's builders give pairs)."""
+    return b"".join(sse_named(name, data) for name, data in pairs)
+
+
+class Opening:
+    """A stream's ``encode`` for ``guarded``: the bytes of ``start()`` go before the
+    first item's (the opening events are sent once the request holds a slot, with
+    whatever the first item brings); ``started`` says whether they went out."""
+
+    def __init__(self, start: Callable[[], bytes], each: Callable[[Any], bytes]) -> None:
+        self.start, self.each, self.started = start, each, False
+
+    def __call__(self, item: Any) -> bytes | None:
+        out = b""
+        if not self.started:
+            self.started = True
+            out += self.start()
+        out += self.each(item)
+        return out or None
+
+
 def shutdown_event(request: Request) -> asyncio.Event | None:
     lifecycle = getattr(request.app.state, "lifecycle", None)
     return lifecycle.stop if lifecycle is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -28,6 +29,9 @@ from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 log = logging.getLogger("kiln.openvino")
 
 NO_GRAMMAR = "the openvino backend does not do grammar-constrained decoding"
+NO_TOP_LOGPROBS = ("top_logprobs: the openvino backend reports only the sampled token's log-probability "
+                   "(OpenVINO GenAI gives no alternatives); ask for top_logprobs 0")
+NO_NPU_LOGPROBS = "logprobs are not available on the openvino backend's NPU pipeline (it streams bare token ids)"
 
 
 class OpenVINOEngine(Engine):
@@ -36,7 +40,10 @@ class OpenVINOEngine(Engine):
     # step(), and one that fails to compile makes that and every later step() of the
     # pipeline fail (probed on 2026.4.1); there is no way to check a grammar first
     # without the xgrammar package, which needs torch.
-    capabilities = Capabilities(batching=True, grammar=False, embeddings=False)
+    # logprobs: the continuous-batching pipeline's (CPU, GPU) GenerationOutput carries each
+    # sampled token's log-probability, and nothing of the alternatives (max_top_logprobs=0);
+    # the NPU's static pipeline streams bare token ids (info() says so).
+    capabilities = Capabilities(batching=True, grammar=False, embeddings=False, logprobs=True, max_top_logprobs=0)
 
     def __init__(self, spec: ModelSpec) -> None:
         import openvino_genai as ov_genai  # imported here: the gateway never loads OpenVINO
@@ -86,6 +93,7 @@ class OpenVINOEngine(Engine):
                         ", ".join(f["device"] for f in self.fallbacks))
         self.load_seconds = round(time.monotonic() - t0, 3)
         self.tokenizer = self._runner.tokenizer
+        self.n_vocab = self._vocab_size()
         self._bos = self._bos_prefix()
         self._runner.start(Needs(spec.name, ov_genai, self.tokenize,
                                  lambda req, max_new: self.generation_config(req, max_new), self._too_long))
@@ -200,6 +208,14 @@ class OpenVINOEngine(Engine):
         return blob, ""
 
     # -- tokens --------------------------------------------------------------------
+    def _vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary size (token ids are checked against it), or None."""
+        try:  # get_vocab, not get_vocab_vector: that one fails on a byte-level BPE token that is not UTF-8
+            vocab = self.tokenizer.get_vocab()
+            return max(vocab.values()) + 1 if vocab else None
+        except Exception:  # noqa: BLE001 - an older GenAI without it: the gateway refuses token ids
+            return None
+
     def _bos_prefix(self) -> list[int]:
         """What the tokenizer adds in front with add_special_tokens (usually BOS).
 
@@ -219,6 +235,15 @@ class OpenVINOEngine(Engine):
     def _decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _piece(self, tok: int) -> str | None:
+        """One token's text (a log-probability entry's token); None for the end-of-generation
+        token, which OpenVINO hands back as generated and llama.cpp does not (nor its text)."""
+        base = self._runner.base_config if self._runner else None
+        if base is not None and (tok == base.eos_token_id or tok in base.stop_token_ids):
+            return None
+        with self._tok_lock:
+            return self.tokenizer.decode([tok], skip_special_tokens=False)
 
     def detokenize(self, ids: list[int]) -> str:
         with self._tok_lock:
@@ -241,6 +266,8 @@ class OpenVINOEngine(Engine):
         """What the gateway asks before streaming, to answer 400 rather than fail midway."""
         if req.constrained:
             raise InvalidRequest(NO_GRAMMAR)
+        if req.tokens is not None:
+            return list(req.tokens)
         return self.tokenize(req.prompt)  # the gateway compares its length with info().max_prompt_len
 
     def _too_long(self, n: int) -> str:
@@ -277,12 +304,18 @@ class OpenVINOEngine(Engine):
         c.frequency_penalty = float(s.frequency_penalty)
         if req.constrained:  # also here: submit() may come without prepare()
             raise InvalidRequest(NO_GRAMMAR)
+        if s.logprobs is not None:  # the gateway refused these already (EngineInfo.capabilities)
+            if self.pipeline == "npu_static":
+                raise InvalidRequest(NO_NPU_LOGPROBS)
+            if s.logprobs > 0:
+                raise InvalidRequest(NO_TOP_LOGPROBS)
+            c.logprobs = 1  # the sampled token's (OpenVINO GenAI computes no more)
         c.validate()
         return c
 
     # -- the protocol ----------------------------------------------------------------
     def submit(self, req: GenerationRequest, emit: Emit) -> None:
-        st = _Request(req, emit, self._decode)
+        st = _Request(req, emit, self._decode, self._piece)
         try:
             assert self._runner is not None
             self._runner.submit(st)
@@ -304,15 +337,16 @@ class OpenVINOEngine(Engine):
         }
         if isinstance(self._runner, _ContinuousBatching):
             return EngineInfo(device=self.device or "", num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs,
-                              capabilities=self.capabilities, kv_bytes=self._runner.kv_cache_bytes, details=details)
+                              capabilities=self.capabilities, kv_bytes=self._runner.kv_cache_bytes,
+                              n_vocab=self.n_vocab, details=details)
         details["min_response_len"] = self.min_response_len
         details["prefill"] = (f"chunks of {self.prefill_chunk}" if self.prefill_chunk
                               else "static" if self.prefill_chunk == 0 else "openvino default")
         if self.npuw_devices:
             details["npuw_devices"] = self.npuw_devices
         return EngineInfo(device=self.device or "", num_ctx=self.max_prompt_len + self.min_response_len,
-                          num_parallel=1, capabilities=self.capabilities, max_prompt_len=self.max_prompt_len,
-                          details=details)
+                          num_parallel=1, capabilities=dataclasses.replace(self.capabilities, logprobs=False),
+                          max_prompt_len=self.max_prompt_len, n_vocab=self.n_vocab, details=details)
 
     def stats(self) -> dict[str, Any]:
         return self._runner.stats() if self._runner else {}

@@ -92,9 +92,13 @@ class _Detokenizer:
 class _Request:
     """One generation in flight: decoding, stop strings, counts and the last chunk."""
 
-    def __init__(self, req: GenerationRequest, emit: Emit, decode: Any) -> None:
+    def __init__(self, req: GenerationRequest, emit: Emit, decode: Any,
+                 piece: Callable[[int], str | None] | None = None) -> None:
         self.req, self.emit = req, emit
         self.detok = _Detokenizer(decode)
+        self.piece = piece  # a token's own text (for its log-probability entry)
+        # With SamplingParams.logprobs: the entries of tokens whose text is not sent yet
+        self.logprobs: list[dict[str, Any]] | None = [] if req.sampling.logprobs is not None else None
         self.stop = StopMatcher(req.sampling.stop)
         self.prompt_tokens = 0
         self.generated = 0
@@ -106,19 +110,36 @@ class _Request:
         self.t0 = time.monotonic_ns()
         self.t_first: int | None = None
 
-    def feed(self, ids: list[int]) -> bool:
-        """Takes generated ids; emits the text they complete. True on a stop string."""
+    def feed(self, ids: list[int], logprobs: list[float] | None = None) -> bool:
+        """Takes generated ids (and, with SamplingParams.logprobs, the log-probability
+        OpenVINO gave each); emits the text they complete. True on a stop string."""
         if not ids or self.done:
             return self.stop.stopped
         if self.t_first is None:
             self.t_first = time.monotonic_ns()
         self.generated += len(ids)
         self.pending += len(ids)
+        if self.logprobs is not None:
+            if logprobs is None or len(logprobs) != len(ids):
+                self.fail("OpenVINO returned no log-probability for a generated token")
+                return True
+            for tok, lp in zip(ids, logprobs):
+                piece = self.piece(tok) if self.piece is not None else ""
+                if piece is None:
+                    continue
+                self.logprobs.append({"id": tok, "token": piece, "bytes": list(piece.encode("utf-8")),
+                                      "logprob": float(lp), "top": []})
         text = self.stop.feed(self.detok.feed(ids))
         if text:
-            self.emit(Chunk(text=text, n_tokens=self.pending))
+            self.emit(Chunk(text=text, n_tokens=self.pending, logprobs=self._take_logprobs()))
             self.pending = 0
         return self.stop.stopped
+
+    def _take_logprobs(self) -> list[dict[str, Any]] | None:
+        if self.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def finish(self, reason: FinishReason, detail: str | None = None) -> None:
         if self.done:
@@ -132,8 +153,10 @@ class _Request:
         first = self.t_first or now
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
                       prompt_ns=max(1, first - self.t0), eval_ns=max(1, now - first))
+        # Entries of text held back and dropped (a stop string's tokens) go with it, as llama.cpp's do.
+        logprobs = self._take_logprobs() if not self.stop.stopped else ([] if self.logprobs is not None else None)
         self.emit(Chunk(text=tail, n_tokens=self.pending, finish_reason=reason, usage=usage,
-                        detail=detail, stop_sequence=self.stop.matched))
+                        detail=detail, stop_sequence=self.stop.matched, logprobs=logprobs))
 
     def fail(self, detail: str) -> None:
         self.finish(FinishReason.ERROR, detail)

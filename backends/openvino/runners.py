@@ -201,7 +201,8 @@ class _ContinuousBatching(_Runner):
         finish = None
         while h.can_read():
             for out in h.read().values():
-                if st.feed(list(out.generated_ids)):
+                lps = list(out.generated_log_probs) if st.logprobs is not None else None
+                if st.feed(list(out.generated_ids), lps):
                     h.stop()
                     self.end(rid)
                     st.finish(FinishReason.STOP)

@@ -15,17 +15,13 @@ from server.anthropic import translate
 from server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from server.inference import Inference, Ready, Result, Service
 from server.routing import JSONBodyRoute, trace
-from server.streaming import SSE, respond, sse_named, with_disconnect
+from server.streaming import SSE, Opening, respond, sse_events, with_disconnect
 
 router = APIRouter(prefix="/v1", route_class=JSONBodyRoute)
 
 
 def _service(request: Request) -> Service:
     return request.app.state.service
-
-
-def _events(pairs: list[tuple[str, dict[str, Any]]]) -> bytes:
-    return b"".join(sse_named(name, data) for name, data in pairs)
 
 
 async def _noting_ready(items: AsyncGenerator[Any, None], seen: list[Ready]) -> AsyncGenerator[Any, None]:
@@ -44,23 +40,18 @@ async def messages(request: Request, body: MessagesRequest) -> Response:
     inf.stream = bool(body.stream)
     s = translate.MessageStream(body.model, body.stop_sequences)
     ready: list[Ready] = []
-    started = False
 
-    def encode(item: Any) -> bytes | None:
-        nonlocal started
-        out = b""
-        if not started:
-            started = True
-            out += _events(s.start(ready[0].prompt_tokens if ready else 0))
+    def each(item: Any) -> bytes:
         if isinstance(item, Chunk):
-            out += _events(s.content(item))
-        elif isinstance(item, Result):
-            out += _events(s.finish(item))
-        return out or None
+            return sse_events(s.content(item))
+        if isinstance(item, Result):
+            return sse_events(s.finish(item))
+        return b""
 
+    encode = Opening(lambda: sse_events(s.start(ready[0].prompt_tokens if ready else 0)), each)
     return await respond(request, _noting_ready(_service(request).stream(inf), ready), stream=bool(body.stream),
                          media_type=SSE, encode=encode,
-                         on_error=lambda msg: _events([translate.stream_error(500, msg)]),
+                         on_error=lambda msg: sse_events([translate.stream_error(500, msg)]),
                          whole=lambda text, r: translate.message(s.id, body.model, text, r, body.stop_sequences))
 
 

@@ -53,7 +53,7 @@ class ChatCompletionRequest(_Wire):
 
 class CompletionRequest(_Wire):
     model: str = ""
-    prompt: str | list[str] | None = None
+    prompt: str | list[Any] | None = None  # text or token ids (translate.py: prompt_input)
     suffix: str | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -74,7 +74,7 @@ class CompletionRequest(_Wire):
 
 class EmbeddingRequest(_Wire):
     model: str = ""
-    input: str | list[str] | list[int] | list[list[int]] = ""
+    input: str | list[Any] = ""  # texts or token ids (translate.py: embedding_input)
     encoding_format: str | None = "float"
     dimensions: int | None = None
     user: str | None = None

@@ -14,7 +14,7 @@ from server.inference import Result, Service
 from server.openai import translate
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from server.routing import JSONBodyRoute, trace
-from server.streaming import SSE, SSE_DONE, respond, sse_event
+from server.streaming import SSE, SSE_DONE, Opening, respond, sse_event
 
 router = APIRouter(prefix="/v1", route_class=JSONBodyRoute)
 
@@ -36,20 +36,15 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     inf.stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.ChatStream(body.model, include_usage)
-    started = False
 
-    def encode(item: Any) -> bytes | None:
-        nonlocal started
-        out = b""
-        if not started:
-            started = True
-            out += b"".join(sse_event(s.role(i)) for i in range(inf.n))
+    def each(item: Any) -> bytes:
         if isinstance(item, Chunk) and (item.text or item.thinking):
-            out += sse_event(s.content(item))
-        elif isinstance(item, Result):
-            out += b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
-        return out or None
+            return sse_event(s.content(item))
+        if isinstance(item, Result):
+            return b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
+        return b""
 
+    encode = Opening(lambda: b"".join(sse_event(s.role(i)) for i in range(inf.n)), each)
     return await respond(request, _service(request).stream(inf), stream=bool(body.stream), media_type=SSE,
                          encode=encode, on_error=_sse_error,
                          whole=lambda text, r: translate.chat_completion(s.id, body.model, text, r))
@@ -63,20 +58,16 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.CompletionStream(body.model, include_usage)
     echo = (inf.prompt or "") if body.echo else ""  # the prompt first, as written (cheap: no logprobs)
-    pending_echo = bool(echo)
 
-    def encode(item: Any) -> bytes | None:
-        nonlocal pending_echo
-        out = b""
-        if pending_echo:
-            pending_echo = False
-            out += b"".join(sse_event(s.content(Chunk(text=echo, index=i))) for i in range(inf.n))
+    def each(item: Any) -> bytes:
         if isinstance(item, Chunk) and item.text:
-            out += sse_event(s.content(item))
-        elif isinstance(item, Result):
-            out += b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
-        return out or None
+            return sse_event(s.content(item))
+        if isinstance(item, Result):
+            return b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
+        return b""
 
+    encode = Opening(lambda: b"".join(sse_event(s.content(Chunk(text=echo, index=i))) for i in range(inf.n))
+                     if echo else b"", each)
     return await respond(request, _service(request).stream(inf), stream=bool(body.stream), media_type=SSE,
                          encode=encode, on_error=_sse_error,
                          whole=lambda text, r: translate.completion(s.id, body.model, text, r, echo))

@@ -183,11 +183,8 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = None) -> Inference:
     if not req.model:
         raise BadRequest("you must provide a model parameter")
-    prompt = req.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise BadRequest("prompt must be a string or a list of exactly one string")
-        prompt = prompt[0]
+    prompt = prompt_input(req.prompt)
+    text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
     if req.best_of not in (None, 1):
         raise BadRequest("best_of must be 1")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -197,7 +194,10 @@ def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = 
                          "does not compute")
     if req.echo and req.suffix:
         raise BadRequest("echo cannot be combined with suffix")
-    return Inference(model=req.model, prompt=prompt or "", raw=True, suffix=req.suffix,
+    if ids is not None and (req.echo or req.suffix):
+        raise BadRequest(f"{'echo' if req.echo else 'suffix'} needs the prompt as text, not as token ids")
+    return Inference(model=req.model, prompt=text, prompt_ids=ids, raw=True,
+                     suffix=req.suffix,
                      options=sampling_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
                      fallback_from="OpenAI's default", logprobs=req.logprobs, logit_bias=lp.bias(req.logit_bias),
                      n=req.n or 1)
@@ -350,12 +350,56 @@ class CompletionStream(_Stream):
         return self._choice(text="", finish_reason=reason, index=index)
 
 
-def embedding_input(value: Any) -> list[str]:
+def _ids(value: Any) -> bool:
+    """A non-empty list of token ids (JSON integers; true and false are not)."""
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+
+
+def _one_or_many(value: Any, field: str) -> list[str | list[int]]:
+    """OpenAI's four forms of a text input: a string, a list of strings, a list of token
+    ids, a list of lists of token ids; each string or token list is one input."""
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise BadRequest("input must be a string or a list of strings (token arrays are not supported)")
+    if not isinstance(value, list):
+        raise BadRequest(f"{field} must be a string, a list of strings, a list of token ids or a list of "
+                         f"lists of token ids")
+    if _ids(value):
+        return [list(value)]
+    out: list[str | list[int]] = []
+    for i, v in enumerate(value):
+        if isinstance(v, str):
+            out.append(v)
+        elif _ids(v):
+            out.append(list(v))
+        elif type(v) is int or (isinstance(v, list) and any(isinstance(x, str) for x in v)):
+            # llama.cpp's server reads [12, "text", 34] as one prompt, the text tokenized in place;
+            # OpenAI's API has no such form, and where special tokens and BOS go in it is llama.cpp's own.
+            raise BadRequest(f"{field}: a list mixing token ids and strings is not supported; "
+                             f"give text or token ids")
+        elif isinstance(v, list) and not v:
+            raise BadRequest(f"{field}[{i}]: the token list is empty")
+        else:
+            raise BadRequest(f"{field}[{i}] must be a string or a list of token ids")
+    return out
+
+
+def prompt_input(value: Any) -> str | list[int]:
+    """A completion's prompt: its text or its token ids. kiln serves one prompt a
+    request, so a list holds exactly one (several prompts: several requests)."""
+    if value is None:
+        return ""
+    if isinstance(value, list) and not value:
+        raise BadRequest("prompt must not be an empty list")
+    prompts = _one_or_many(value, "prompt")
+    if len(prompts) != 1:
+        raise BadRequest("prompt must be a string, a list of token ids, or a list of exactly one string or "
+                         "token list (kiln serves one prompt per request)")
+    return prompts[0]
+
+
+def embedding_input(value: Any) -> list[str | list[int]]:
+    """The texts to embed, each a string or token ids."""
+    return _one_or_many(value, "input")
 
 
 def encode_embedding(vector: list[float], encoding: str) -> list[float] | str:

@@ -13,13 +13,9 @@ from server.openai.translate import NUM_CTX_HEADER
 from server.responses import translate
 from server.responses.protocol import ResponsesRequest
 from server.routing import JSONBodyRoute, trace
-from server.streaming import SSE, respond, sse_named
+from server.streaming import SSE, Opening, respond, sse_events
 
 router = APIRouter(prefix="/v1", route_class=JSONBodyRoute)
-
-
-def _events(pairs: list[tuple[str, dict[str, Any]]]) -> bytes:
-    return b"".join(sse_named(name, data) for name, data in pairs)
 
 
 @router.post("/responses")
@@ -28,20 +24,15 @@ async def responses(request: Request, body: ResponsesRequest) -> Response:
     inf.trace = trace(request)
     inf.stream = bool(body.stream)
     b = translate.ResponseBuilder(body)
-    started = False
 
-    def encode(item: Any) -> bytes | None:
-        nonlocal started
-        out = b""
-        if not started:
-            started = True
-            out += _events(b.start())
+    def each(item: Any) -> bytes:
         if isinstance(item, Chunk):
-            out += _events(b.content(item))
-        elif isinstance(item, Result):
-            out += _events(b.finish(item))
-        return out or None
+            return sse_events(b.content(item))
+        if isinstance(item, Result):
+            return sse_events(b.finish(item))
+        return b""
 
+    encode = Opening(lambda: sse_events(b.start()), each)
     service: Service = request.app.state.service
     return await respond(request, service.stream(inf), stream=bool(body.stream), media_type=SSE, encode=encode,
-                         on_error=lambda msg: _events(b.failed(msg, started)), whole=b.whole)
+                         on_error=lambda msg: sse_events(b.failed(msg, encode.started)), whole=b.whole)
