@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.gguf import human_number
-from backends.openvino.request import npu_prefill_properties, npu_prompt_size
+from backends.openvino.request import npu_prefill_properties, npu_prompt_size, npuw_device_properties
 from backends.store import FileRef, Manifest, ModelName, ModelStore
 from compile.source import (
     CompileError,
@@ -292,8 +292,7 @@ def trained_context(src: Source) -> int:
 def npu_properties(opts: Options) -> dict[str, Any]:
     props: dict[str, Any] = {"MAX_PROMPT_LEN": opts.max_prompt_len, "MIN_RESPONSE_LEN": opts.min_response_len}
     props.update(npu_prefill_properties(opts.prefill_chunk_size))
-    if opts.npuw_devices:
-        props["NPUW_DEVICES"] = opts.npuw_devices
+    props.update(npuw_device_properties(opts.npuw_devices))
     return props
 
 
@@ -557,7 +556,8 @@ def npu_stage(opts: Options, work: Path, manifest: Manifest, progress: Progress)
         npu_blob="npu.blob", npu_first_load_s=round(seconds, 2),
         npu_blob_config={"max_prompt_len": opts.max_prompt_len, "min_response_len": opts.min_response_len,
                          "prefill_chunk_size": opts.prefill_chunk_size,
-                         "npuw_devices": opts.npuw_devices, "openvino": ov.__version__})
+                         "npuw_devices": opts.npuw_devices, "npuw_f16ic": npuw_device_properties(opts.npuw_devices).get("NPUW_F16IC"),
+                         "openvino": ov.__version__})
     if opts.npuw_devices:
         manifest.extra["npuw_devices"] = opts.npuw_devices
 

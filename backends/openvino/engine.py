@@ -23,7 +23,8 @@ from backends.base import (
     ModelSpec,
 )
 from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN, Needs,
-                                      _Request, npu_prefill_properties, npu_prompt_size, short_error)
+                                      _Request, npu_prefill_properties, npu_prompt_size, npuw_device_properties,
+                                      short_error)
 from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 
 log = logging.getLogger("kiln.openvino")
@@ -160,8 +161,7 @@ class OpenVINOEngine(Engine):
         props = self._properties(device)
         props.update(MAX_PROMPT_LEN=self.max_prompt_len, MIN_RESPONSE_LEN=self.min_response_len)
         props.update(npu_prefill_properties(self.prefill_chunk))
-        if self.npuw_devices:
-            props["NPUW_DEVICES"] = self.npuw_devices
+        props.update(npuw_device_properties(self.npuw_devices))
         if extra.get("npuw_online_pipeline"):
             props["NPUW_ONLINE_PIPELINE"] = extra["npuw_online_pipeline"]
         pipe = None
@@ -201,7 +201,8 @@ class OpenVINOEngine(Engine):
             return None, "blob missing; "
         built = extra.get("npu_blob_config") or {}
         wanted = {"max_prompt_len": self.max_prompt_len, "min_response_len": self.min_response_len,
-                  "npuw_devices": self.npuw_devices, "prefill_chunk_size": self.prefill_chunk}
+                  "npuw_devices": self.npuw_devices, "prefill_chunk_size": self.prefill_chunk,
+                  "npuw_f16ic": npuw_device_properties(self.npuw_devices).get("NPUW_F16IC")}
         differ = sorted(k for k, v in wanted.items() if built.get(k) != v)
         if differ:
             return None, f"blob built for other {', '.join(differ)}; "
@@ -360,9 +361,9 @@ class OpenVINOEngine(Engine):
 def _canary(g: Any, pipe: Any) -> None:
     """Two greedy tokens after "Hello": a pipeline that answers only padding is broken for
     this model, and must fail at load (so the next device is tried, the reason shown)
-    rather than return empty answers. Measured: Gemma 3 270M through the NPU pipeline
-    (NPUW on the CPU, OpenVINO 2026.4.1) gives only <pad>, for any prompt; on the CPU
-    pipeline the same IR answers."""
+    rather than return empty answers. Gemma 3 270M did so through NPUW on the CPU with
+    OpenVINO's f16 interconnect (its residual stream overflows f16; npuw_device_properties
+    keeps it in f32), and a real NPU computing in f16 may still."""
     import numpy as np
     import openvino as ov
 

@@ -36,6 +36,22 @@ def npu_prefill_properties(chunk: int | None) -> dict[str, object]:
     return {"PREFILL_HINT": "DYNAMIC", "NPUW_LLM_PREFILL_CHUNK_SIZE": chunk}
 
 
+def npuw_device_properties(devices: str | None) -> dict[str, object]:
+    """Where OpenVINO's NPU wrapper runs its partitions (``NPUW_DEVICES``) and, when that is
+    the CPU alone, the tensors between partitions kept in f32 (``NPUW_F16IC=NO``; on in
+    OpenVINO 2026.4's LLM pipeline). Those tensors carry the residual stream, and Gemma 3's
+    exceeds f16's 65,504 (270M: 102,328 at BOS in layer 14 on the CPU pipeline): in f16
+    it overflows to inf, RMSNorm turns that into NaN, and every greedy token is 0,
+    ``<pad>``. The CPU computes in f32 anyway, so nothing is lost. On a real NPU,
+    OpenVINO's default is kept (not measured here: no NPU). None: OpenVINO's defaults."""
+    if not devices:
+        return {}
+    props: dict[str, object] = {"NPUW_DEVICES": devices}
+    if devices.strip().upper() == "CPU":
+        props["NPUW_F16IC"] = "NO"
+    return props
+
+
 @dataclass
 class Needs:
     """What a runner needs of its engine, and nothing more (runners.py does not import

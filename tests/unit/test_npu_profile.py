@@ -61,6 +61,9 @@ def test_bad_settings_are_refused(bad, capsys):
 def test_properties_ask_for_chunked_prefill():
     o = npu("--max-prompt-len", "14336", "--npuw-devices", "CPU")
     assert npu_properties(o) == {"MAX_PROMPT_LEN": 14336, "MIN_RESPONSE_LEN": 128, "PREFILL_HINT": "DYNAMIC",
-                                 "NPUW_LLM_PREFILL_CHUNK_SIZE": 1024, "NPUW_DEVICES": "CPU"}
+                                 "NPUW_LLM_PREFILL_CHUNK_SIZE": 1024, "NPUW_DEVICES": "CPU",
+                                 "NPUW_F16IC": "NO"}  # f32 between NPUW's partitions on the CPU (Gemma 3)
+    assert npu_properties(npu("--npuw-devices", "NPU,CPU"))["NPUW_DEVICES"] == "NPU,CPU"
+    assert "NPUW_F16IC" not in npu_properties(npu("--npuw-devices", "NPU,CPU"))  # a real NPU: OpenVINO's default
     assert npu_prefill_properties(0) == {"PREFILL_HINT": "STATIC"}
     assert npu_prefill_properties(None) == {}  # a manifest from before: OpenVINO's default
