@@ -32,7 +32,7 @@ import numpy as np
 from backends.base import (KV_CACHE_TYPES, BackendError, Capabilities, Chunk, Emit, Embeddings, Engine, EngineInfo,
                            FinishReason, GenerationRequest, InvalidRequest, ModelSpec, SamplingParams,
                            Usage)
-from backends.cpus import physical_cores
+from backends.cpus import CpuShare, default_threads
 from backends.gguf import read_gguf
 from backends.text import StopMatcher, Utf8Stream
 
@@ -317,7 +317,11 @@ class LlamaCppEngine(Engine):
         n_par = max(1, min(spec.num_parallel, L.llama_max_parallel_sequences()))
         if n_par != spec.num_parallel:
             log.warning("num_parallel %d is out of range; using %d", spec.num_parallel, n_par)
-        self.n_threads = spec.num_threads or physical_cores()
+        # A fixed count when set; else the physical cores (and quota), one fewer for each
+        # core other processes keep busy, re-measured every second (backends.cpus).
+        self.n_threads = spec.num_threads or default_threads()
+        self._share = None if spec.num_threads else CpuShare(self.n_threads)
+        self._threads_now = self.n_threads
         # Every generating sequence puts one token in each batch.
         self.n_batch = max(spec.num_batch, n_par)
 
@@ -549,14 +553,16 @@ class LlamaCppEngine(Engine):
             model_bytes=os.path.getsize(self.spec.path), kv_bytes=self.kv_bytes,
             max_token_bytes=self.max_token_bytes,  # the gateway's cheap "cannot fit" check
             n_vocab=self.n_vocab,  # the gateway checks token ids (logit_bias) against it
-            details={"num_batch": self.n_batch, "n_threads": self.n_threads, "n_ctx_train": self.n_ctx_train,
+            details={"num_batch": self.n_batch, "n_threads": self.n_threads,
+                     "threads": "fixed" if self._share is None else "adaptive",
+                     "n_ctx_train": self.n_ctx_train,
                      "kv_cache_type": self.kv_type,
                      "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip()})
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return {"active": len(self._active_ids), "waiting": len(self._waiting),
-                    "num_parallel": self.n_par, **self._counters}
+                    "num_parallel": self.n_par, "n_threads": self._threads_now, **self._counters}
 
     def close(self) -> None:
         with self._cond:
@@ -816,6 +822,11 @@ class LlamaCppEngine(Engine):
             rows = self._fill(gen, pre, budget)
             if not rows:
                 return
+            if self._share is not None and (n := self._share.threads()) != self._threads_now:
+                L.llama_set_n_threads(self.ctx, n, n)
+                self._threads_now = n
+                log.info("%s: %d threads (other processes keep %.1f cores busy)", self.spec.name, n,
+                         self._share.busy)
             rc = L.llama_decode(self.ctx, self.batch)
             self._counters["decode_calls"] += 1
             if rc == 0:

@@ -18,12 +18,19 @@ GOALS = {
     "c8_tok_s": "concurrency 8: aggregate tokens/s ≥ 0.9 × baseline",
     "c8_ttft_p95": "concurrency 8: TTFT p95 ≤ 1.2 × baseline",
     "agent_ratio": "agent turn 2 TTFT ≤ 0.05 × turn 1 TTFT",
+    "busy_c1_tok_s": "one core busy, concurrency 1: tokens/s ≥ 1.5 × baseline",
+    "busy_c8_tok_s": "one core busy, concurrency 8: aggregate tokens/s ≥ 1.0 × baseline",
     "no_errors": "every stream completes (no errors, none cut short)",
 }
 
 
-def _round(t: dict[str, Any], c: int) -> dict[str, Any] | None:
-    return next((r for r in t["rounds"] if r["concurrency"] == c), None)
+def _round(t: dict[str, Any], c: int, busy: int = 0) -> dict[str, Any] | None:
+    """The round at concurrency ``c`` with ``busy`` cores kept busy by a hog (--busy-cpu)."""
+    return next((r for r in t["rounds"] if r["concurrency"] == c and r.get("busy_cores", 0) == busy), None)
+
+
+def _level(r: dict[str, Any]) -> str:
+    return f"{r['concurrency']}" + (f", {r['busy_cores']} core busy" if r.get("busy_cores") else "")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -54,6 +61,11 @@ def evaluate(results: dict[str, Any], baseline: str) -> list[dict[str, Any]]:
             add("c8_tok_s", r, 0.9, True, f"{t8['agg_tok_s']:.1f} vs {b8['agg_tok_s']:.1f} tok/s")
             r = _ratio(t8["ttft_p95_s"], b8["ttft_p95_s"])
             add("c8_ttft_p95", r, 1.2, False, f"{_s(t8['ttft_p95_s'])} vs {_s(b8['ttft_p95_s'])} s")
+        for c, goal, limit in ((1, "busy_c1_tok_s", 1.5), (8, "busy_c8_tok_s", 1.0)):
+            tb, bb = _round(t, c, 1), _round(base, c, 1) if base else None
+            if tb and bb:
+                add(goal, _ratio(tb["agg_tok_s"], bb["agg_tok_s"]), limit, True,
+                    f"{tb['agg_tok_s']:.1f} vs {bb['agg_tok_s']:.1f} tok/s")
         agent = t.get("agent") or {}
         if agent.get("sessions"):
             add("agent_ratio", agent.get("ratio"), 0.05, False,
@@ -62,6 +74,15 @@ def evaluate(results: dict[str, Any], baseline: str) -> list[dict[str, Any]]:
         total = sum(r["requests"] for r in t["rounds"])
         add("no_errors", float(bad), 0.0, False, f"{bad} of {total} streams failed or cut short")
     return rows
+
+
+def _kiln_threads(meta: dict[str, Any]) -> str:
+    n = meta.get("kiln_threads")
+    busy = meta.get("busy_cpu")
+    out = "" if n is None else f" (kiln: {'its default, adaptive' if n == 0 else n})"
+    if busy is not None:
+        out += f"; every round also measured beside a busy loop pinned to CPU {busy} (`taskset -c {busy}`)"
+    return out
 
 
 def _s(x: float | None, digits: int = 3) -> str:
@@ -130,7 +151,7 @@ def markdown(results: dict[str, Any], full: bool = True) -> str:
            f"* machine: {meta['machine']}",
            f"* load average (1 min) before the run: {meta['loadavg_start']}",
            f"* model: {meta['model']}",
-           f"* threads: {meta['threads']}; {meta['max_tokens']}-token completions, streaming "
+           f"* threads: {meta['threads']}{_kiln_threads(meta)}; {meta['max_tokens']}-token completions, streaming "
            f"(`stream: true`), sampling {meta['sampling']}",
            f"* llama.cpp: {meta['llama_cpp']}",
            f"* repeats: {meta.get('repeats', 1)} (the rounds of the targets interleaved; the tables "
@@ -155,7 +176,7 @@ def markdown(results: dict[str, Any], full: bool = True) -> str:
             n = r.get("ttft_n")  # percentiles of fewer streams than were sent: say so
             few = f" (of {n})" if n is not None and n < r["requests"] else ""
             each = " / ".join(f"{e['agg_tok_s']:.0f}" for e in r.get("each", []))
-            out.append(f"| {t['name']} | {r['concurrency']} | {r['requests']} | {r['agg_tok_s']:.1f} | {each} "
+            out.append(f"| {t['name']} | {_level(r)} | {r['requests']} | {r['agg_tok_s']:.1f} | {each} "
                        f"| {_s(r['ttft_p50_s'])}{few} | {_s(r['ttft_p95_s'])}{few} | "
                        f"{'–' if mean is None else f'{mean:.1f}'} | {r['completed']} | {r['cut_short']} "
                        f"| {r['errors'] + r['rejected']} |")
@@ -168,7 +189,7 @@ def markdown(results: dict[str, Any], full: bool = True) -> str:
             if not r.get("cpu_s") or not r["tokens"]:
                 continue
             per_k = ", ".join(f"{role} {sec * 1000 / r['tokens']:.2f}" for role, sec in sorted(r["cpu_s"].items()))
-            out.append(f"| {t['name']} | {r['concurrency']} | {per_k} | {r['wall_s'] * 1000 / r['tokens']:.2f} |")
+            out.append(f"| {t['name']} | {_level(r)} | {per_k} | {r['wall_s'] * 1000 / r['tokens']:.2f} |")
     out += ["", "## Two-turn agent pattern", "",
             f"A ~2,000-token system prompt (tool descriptions, a fresh nonce at its start so turn 1 "
             f"is cold), then turn 2 = the same prompt + the first exchange + a new question. "
@@ -219,12 +240,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for t in results["targets"]:
-        cs = [r["concurrency"] for r in t["rounds"]]
-        ax1.plot(cs, [r["agg_tok_s"] for r in t["rounds"]], marker="o", label=t["name"])
-        timed = [r for r in t["rounds"] if r["ttft_p95_s"] is not None]
-        if timed:
-            ax2.plot([r["concurrency"] for r in timed], [r["ttft_p95_s"] for r in timed], marker="o",
-                     label=t["name"])
+        for busy in sorted({r.get("busy_cores", 0) for r in t["rounds"]}):
+            rounds = [r for r in t["rounds"] if r.get("busy_cores", 0) == busy]
+            label = t["name"] + (f" ({busy} core busy)" if busy else "")
+            style = "--" if busy else "-"
+            ax1.plot([r["concurrency"] for r in rounds], [r["agg_tok_s"] for r in rounds], style, marker="o",
+                     label=label)
+            timed = [r for r in rounds if r["ttft_p95_s"] is not None]
+            if timed:
+                ax2.plot([r["concurrency"] for r in timed], [r["ttft_p95_s"] for r in timed], style, marker="o",
+                         label=label)
     meta = results["meta"]
     ax1.set(title="aggregate tokens/s", xlabel="concurrent streams", ylabel="tokens/s")
     ax2.set(title="TTFT p95", xlabel="concurrent streams", ylabel="seconds", yscale="log")

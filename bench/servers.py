@@ -47,6 +47,7 @@ class Config:
 
     gguf: Path
     threads: int = 2
+    kiln_threads: int | None = None  # KILN_THREADS; None = ``threads``, 0 = kiln's default (adaptive)
     parallel: int = 8  # slots (sequences batched together)
     ctx_per_seq: int = 4096  # the agent pattern needs ~2,200 tokens per sequence
     work_dir: Path = Path.home() / ".cache" / "kiln-bench" / "run"
@@ -72,15 +73,16 @@ def kiln(cfg: Config, *, name: str = "kiln", model: str = "smollm2:135m", parall
     # A store of its own under the work dir: kiln registers the bundled model there on
     # start, and the user's store and config file are left alone.
     parallel = parallel or cfg.parallel
+    threads = cfg.threads if cfg.kiln_threads is None else cfg.kiln_threads
     env = {"KILN_HOST": f"{HOST}:{{port}}", "KILN_MODELS": str(cfg.work_dir / "kiln-models"),
-           "KILN_CONFIG": str(cfg.work_dir / "no-config.toml"), "KILN_THREADS": str(cfg.threads),
+           "KILN_CONFIG": str(cfg.work_dir / "no-config.toml"), "KILN_THREADS": str(threads),
            "KILN_NUM_PARALLEL": str(parallel), "KILN_CONTEXT_LENGTH": str(cfg.ctx_per_seq),
            "KILN_KEEP_ALIVE": "-1", "KILN_LOG_LEVEL": "warning"}
     if max_queue is not None:
         env["KILN_MAX_QUEUE"] = str(max_queue)
     env.update(extra_env or {})
     kiln_bin = Path(sys.executable).parent / "kiln"
-    settings = f"KILN_THREADS={cfg.threads} KILN_NUM_PARALLEL={parallel} KILN_CONTEXT_LENGTH={cfg.ctx_per_seq}"
+    settings = f"KILN_THREADS={threads} KILN_NUM_PARALLEL={parallel} KILN_CONTEXT_LENGTH={cfg.ctx_per_seq}"
     if max_queue is not None:
         settings += f" KILN_MAX_QUEUE={max_queue}"
     return Target(name, model, argv=[str(kiln_bin), "serve"], env=env, ready_path="/", kind="kiln",
