@@ -61,6 +61,7 @@ def cpu_quota(cgroup: Path = CGROUP, proc: Path = PROC) -> float | None:
     except OSError:
         return None
     quotas: list[float] = []
+    names: tuple[str, ...]
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one unified hierarchy

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         description="The model `kiln run` uses when none is named.")
     threads: int = Field(
         0, ge=0, validation_alias=_env("KILN_THREADS"),
-        description="CPU threads per model (0 = the physical cores this process may use).")
+        description="CPU threads per llama.cpp model: a fixed count, or 0 = adaptive: the physical cores this process may use (capped by a cgroup CPU quota), one fewer while other processes keep a core busy, re-measured every second.")
     load_timeout: float = Field(
         300.0, gt=0, validation_alias=_env("KILN_LOAD_TIMEOUT", "OLLAMA_LOAD_TIMEOUT"),
         description="How long a model may take to load (Go duration or seconds; 0 or negative = no limit, as Ollama).")
