@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from backends.upstream import UpstreamConfig
 from server.durations import FOREVER, go_duration, parse_duration
@@ -178,7 +184,7 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _TomlSource(settings_cls)
+        return init_settings, env_settings, _TomlFile(settings_cls)
 
     # -- derived --------------------------------------------------------------
     @property
@@ -232,23 +238,20 @@ def _read_keys(path: Path | None, setting: str) -> list[str]:
         raise ValueError(f"cannot read {setting} {path}: {e.strerror}") from e
 
 
-class _TomlSource(PydanticBaseSettingsSource):
-    """Settings from the TOML file; keys are the setting names (``host = "..."``)."""
+class _TomlFile(TomlConfigSettingsSource):
+    """pydantic-settings' TOML source on the file ``_config_path()`` names; keys are the
+    setting names (``host = "..."``), at the top level or in a ``[kiln]`` table. A file that
+    cannot be read or parsed stops the start with its path and the parser's reason."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls)
-        path = _config_path()
+        super().__init__(settings_cls, toml_file=_config_path())
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
         try:
-            self.data = tomllib.loads(path.read_text()) if path.is_file() else {}
+            data = super()._read_file(file_path)
         except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
-        self.data = self.data.get("kiln", self.data)
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+            raise ValueError(f"cannot read {file_path}: {e}") from e
+        return dict(data.get("kiln", data))
 
 
 def parse_host(value: str) -> tuple[str, int]:
@@ -276,7 +279,7 @@ def parse_host(value: str) -> tuple[str, int]:
 def setting_sources(settings: Settings) -> dict[str, tuple[Any, str]]:
     """Each setting's effective value and where it came from (for ``kiln config``)."""
     out: dict[str, tuple[Any, str]] = {}
-    toml = _TomlSource(Settings).data
+    in_file = {k.lower() for k in _TomlFile(Settings).toml_data}
     for name, field in Settings.model_fields.items():
         source = "default"
         alias = field.validation_alias
@@ -286,7 +289,7 @@ def setting_sources(settings: Settings) -> dict[str, tuple[Any, str]]:
                 source = f"env {env}"
                 break
         else:
-            if name in toml:
+            if {name, *(n.lower() for n in names)} & in_file:
                 source = f"file {_config_path()}"
         out[name] = (getattr(settings, name), source)
     return out

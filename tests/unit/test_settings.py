@@ -96,3 +96,20 @@ def test_parse_duration_refuses(value):
 
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+def test_the_toml_file(monkeypatch, tmp_path):
+    """pydantic-settings' TOML source on KILN_CONFIG: top-level keys or a [kiln] table,
+    below the environment; a file that does not parse stops the start naming it."""
+    cfg = tmp_path / "kiln.toml"
+    monkeypatch.setenv("KILN_CONFIG", str(cfg))
+    cfg.write_text('[kiln]\nmax_queue = 7\nkeep_alive = "10m"\n')
+    s = Settings()
+    assert (s.max_queue, s.keep_alive) == (7, "10m")
+    assert setting_sources(s)["max_queue"] == (7, f"file {cfg}")
+    monkeypatch.setenv("OLLAMA_MAX_QUEUE", "9")
+    assert setting_sources(Settings())["max_queue"] == (9, "env OLLAMA_MAX_QUEUE")
+    cfg.write_text("max_queue = \n")
+    with pytest.raises(ValueError, match=f"cannot read {cfg}: Invalid value"):
+        Settings()
+
