@@ -48,6 +48,7 @@ class Message(msgspec.Struct, tag_field="op", omit_defaults=True, kw_only=True):
 
 class Load(Message, tag="load"):
     spec: ModelSpec
+    log_level: str = "WARNING"  # the lowest the worker logs at (KILN_WORKER_LOG)
     version: int = VERSION
 
 

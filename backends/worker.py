@@ -137,9 +137,10 @@ class _Inbox:
 class WorkerBackend(Backend):
     """The gateway's side: spawns ``python -m backends.worker`` and speaks to it."""
 
-    def __init__(self, spec: ModelSpec, env: dict[str, str] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, env: dict[str, str] | None = None, log_level: str = "WARNING") -> None:
         self.spec = spec
         self.env = env or {}
+        self.log_level = log_level.upper()
         self.info: EngineInfo | None = None
         self._pipes: _Pipes | None = None
         self._stdin: asyncio.WriteTransport | None = None
@@ -173,7 +174,7 @@ class WorkerBackend(Backend):
         )
         assert self._pipes.transport is not None
         self._stdin = self._pipes.transport.get_pipe_transport(0)  # type: ignore[assignment]
-        self._send(wire.Load(spec=self.spec))
+        self._send(wire.Load(spec=self.spec, log_level=self.log_level))
         try:
             self.info = await self._ready
         except BaseException:
@@ -324,8 +325,6 @@ def main() -> None:
     proto = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything the engine prints goes to stderr, never into the protocol
     sys.stdout = sys.stderr
-    logging.basicConfig(level=os.environ.get("KILN_WORKER_LOG", "WARNING"), stream=sys.stderr,
-                        format=_LOG_FORMAT)
     lock = threading.Lock()
 
     def send(msg: wire.FromWorker) -> None:
@@ -344,6 +343,7 @@ def main() -> None:
     if first.version != wire.VERSION:
         send(wire.Fatal(error=f"the gateway speaks protocol version {first.version}, the worker {wire.VERSION}"))
         return
+    logging.basicConfig(level=first.log_level, stream=sys.stderr, format=_LOG_FORMAT)
     spec = first.spec
     from backends.registry import engine_class
 

@@ -1,4 +1,4 @@
-"""``kiln compile`` / ``python -m compile``: see ``compile.openvino``."""
+"""``kiln compile`` / ``python -m compile`` (which needs ``--store``): see ``compile.openvino``."""
 
 from __future__ import annotations
 

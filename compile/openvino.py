@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,6 @@ class _Stage:
         state = "done" if exc_type is None else "failed"
         print(f"[{self.n}/{self.p.total}] {self.label}: {state} in {self.seconds:.1f}s",
               file=self.p.out, flush=True)
-
-
-def default_store() -> str:
-    # compile/ must not import the gateway's settings, so it reads the same variables.
-    return os.environ.get("KILN_MODELS") or os.environ.get("OLLAMA_MODELS") or "~/.local/share/kiln/models"
 
 
 # -- the stages -----------------------------------------------------------------------
@@ -365,7 +361,11 @@ def base_manifest(src: Source, opts: Options, sha: str, n_params: int, tok: Any 
 
 
 # -- the command --------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> Options:
+def parse_args(argv: list[str] | None, default_store: Callable[[], Path] | None = None) -> Options:
+    """``default_store``: the store when ``--store`` is not given. ``kiln compile`` passes
+    the gateway's ``models`` setting (compile/ does not import the gateway, and the store's
+    location is declared once, in ``server.settings``); ``python -m compile`` has none, so
+    it needs ``--store``."""
     ap = argparse.ArgumentParser(
         prog="kiln compile",
         description="Compile a local Hugging Face model directory or GGUF file to OpenVINO IR "
@@ -401,19 +401,23 @@ def parse_args(argv: list[str] | None) -> Options:
                          f"MAX_PROMPT_LEN (PREFILL_HINT=STATIC)")
     ap.add_argument("--npuw-devices", default=None,
                     help="NPU: where OpenVINO's NPU wrapper runs (NPUW_DEVICES); CPU when no NPU is present")
-    ap.add_argument("--store", default=None, help="the model store (default $KILN_MODELS, $OLLAMA_MODELS or "
-                                                  "~/.local/share/kiln/models)")
+    ap.add_argument("--store", default=None, help="the model store (default: kiln's `models` setting, as "
+                                                  "`kiln config` shows it; required with python -m compile)")
     ap.add_argument("--no-export", action="store_true",
                     help="keep a GGUF as it is, for OpenVINO GenAI's GGUF reader (CPU/GPU)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip loading the result from the store to check it")
     a = ap.parse_args(argv)
+    if a.store is None:
+        if default_store is None:
+            ap.error("--store is required (kiln compile takes the model store from kiln's settings)")
+        a.store = str(default_store())
     opts = Options(source=a.source, name=a.name, profile=a.profile, weight_format=a.weight_format,
                    sym=bool(a.sym), group_size=a.group_size if a.group_size is not None else 128,
                    ratio=a.ratio, group_size_fallback=a.group_size_fallback,
                    max_prompt_len=a.max_prompt_len, min_response_len=a.min_response_len,
                    max_prompt_cap=a.max_prompt_cap, prefill_chunk_size=a.prefill_chunk_size,
-                   npuw_devices=a.npuw_devices, store=a.store or default_store(),
+                   npuw_devices=a.npuw_devices, store=a.store,
                    no_export=a.no_export, verify=a.verify)
     if opts.profile == "npu":
         if a.sym is False:
@@ -437,12 +441,12 @@ def parse_args(argv: list[str] | None) -> Options:
     return opts
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default_store: Callable[[], Path] | None = None) -> int:
     # Offline: a hub id must fail here, not after a long wait on the network.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    opts = parse_args(argv)
+    opts = parse_args(argv, default_store)
     try:
         manifest = run(opts)
     except CompileError as e:

@@ -23,6 +23,16 @@ class CLIError(Exception):
     pass
 
 
+def client_key(settings: Settings) -> str | None:
+    """The key the client verbs send: an admin key if the settings have one (``create``,
+    ``cp``, ``rm`` and ``pull`` need it; it works on every route), else an inference key."""
+    try:
+        keys = settings.admin_key_list or settings.keys
+    except ValueError as e:  # a keys file it cannot read
+        raise CLIError(f"Error: {e}") from None
+    return keys[0] if keys else None
+
+
 class Client:
     def __init__(self, settings: Settings) -> None:
         host, port = settings.bind
@@ -31,7 +41,7 @@ class Client:
         if ":" in host:
             host = f"[{host}]"
         headers = {}
-        key = os.environ.get("KILN_API_KEY")
+        key = client_key(settings)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.base = f"http://{host}:{port}"
@@ -384,12 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _configured_store() -> Path:
+    try:
+        return Settings().models
+    except Exception as e:  # noqa: BLE001 - a bad setting is the user's to fix
+        print(f"Error: invalid configuration: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compile"]:
         from compile.__main__ import main as compile_main
 
-        return compile_main(argv[1:])
+        return compile_main(argv[1:], default_store=_configured_store)
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()

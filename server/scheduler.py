@@ -106,10 +106,6 @@ class Lease:
     load_ns: int  # what this request spent loading the model (0 if it was loaded)
 
 
-def _auto_parallel() -> int:
-    return 4
-
-
 DEFAULT_CTX = 2048  # a model that names no trained context (Ollama's old default)
 CTX_STEP = 256  # a context cut to fit the memory budget is a multiple of this
 
@@ -141,7 +137,7 @@ class Scheduler:
                  backend_factory: BackendFactory | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.backend_factory = backend_factory or (lambda spec: WorkerBackend(spec))
+        self.backend_factory = backend_factory or (lambda spec: WorkerBackend(spec, log_level=settings.worker_log))
         self.runners: dict[str, Runner] = {}
         self.waiting: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -241,7 +237,7 @@ class Scheduler:
         compiled = npu_capacity(m)
         if compiled and ctx > compiled:
             ctx, why = compiled, f"it is compiled for the NPU with room for {compiled} tokens (MAX_PROMPT_LEN + MIN_RESPONSE_LEN)"
-        parallel = self.settings.num_parallel or _auto_parallel()
+        parallel = self.settings.parallel
         per_token = estimate_kv_bytes(m, 1, parallel, self.kv_cache_type(m))  # per token of context, all sequences
         if per_token:
             room = (self.settings.memory_limit - m.size) // per_token
@@ -257,7 +253,7 @@ class Scheduler:
 
     def kv_cache_plan(self, m: Manifest, num_ctx: int, parallel: int | None = None) -> dict[str, Any]:
         """The KV cache a load with ``num_ctx`` takes (what the memory budget counts)."""
-        parallel = parallel or self.settings.num_parallel or _auto_parallel()
+        parallel = parallel or self.settings.parallel
         kv = self.kv_cache_type(m)
         return {"type": kv or "f16", "num_parallel": parallel, "num_ctx": num_ctx,
                 "bytes": estimate_kv_bytes(m, num_ctx, parallel, kv)}
@@ -276,7 +272,7 @@ class Scheduler:
         ref = m.files[0]
         return ModelSpec(
             name=m.name, path=str(self.store.resolve(ref)), backend=m.backend, num_ctx=ctx,
-            num_parallel=self.settings.num_parallel or _auto_parallel(),
+            num_parallel=self.settings.parallel,
             num_threads=self.settings.threads, devices=list(m.devices),
             cache_dir=str(self.store.root / "cache"),
             extra={**m.extra, **({"kv_cache_type": kv} if (kv := self.kv_cache_type(m)) else {})},

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
         description="How long an idle model stays loaded (Go duration or seconds; negative = forever).")
     num_parallel: int = Field(
         0, ge=0, le=64, validation_alias=_env("KILN_NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"),
-        description="Requests a model serves at once (0 = sized to cores and memory).")
+        description="Sequences each loaded model runs at once, batched together (0 = 4); where their KV "
+                    "cache would not fit the memory budget, the context is cut, not this count.")
     max_queue: int = Field(
         512, ge=1, validation_alias=_env("KILN_MAX_QUEUE", "OLLAMA_MAX_QUEUE"),
         description="Requests that may wait per model before new ones get 503.")
@@ -117,6 +118,10 @@ class Settings(BaseSettings):
                     "mode, context_overflow, limits per option, loop_guard.")
     log_level: str = Field(
         "info", validation_alias=_env("KILN_LOG_LEVEL"), description="debug, info, warning or error.")
+    worker_log: str = Field(
+        "warning", pattern="(?i)^(debug|info|warning|error)$", validation_alias=_env("KILN_WORKER_LOG"),
+        description="The lowest level a model's worker process logs at (debug, info, warning or error); "
+                    "its lines reach the gateway's log at their own level, which KILN_LOG_LEVEL filters again.")
     upstreams: list[UpstreamConfig] = Field(
         default_factory=list, validation_alias=_env("KILN_UPSTREAMS"),
         description="Other engines serving models through kiln (the [[upstreams]] tables; JSON in "
@@ -194,6 +199,11 @@ class Settings(BaseSettings):
     @property
     def loaded_models_limit(self) -> int:
         return self.max_loaded_models or 3
+
+    @property
+    def parallel(self) -> int:
+        """``num_parallel``, 0 read as 4."""
+        return self.num_parallel or 4
 
     @property
     def memory_limit(self) -> int:

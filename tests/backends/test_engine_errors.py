@@ -141,3 +141,31 @@ def test_llama_cpp_failing_to_load_is_a_500_with_its_own_error_line(tmp_path: Pa
     # llama.cpp's own words, as it logged them
     assert "llama_model_load: error loading model: error loading model hyperparameters: " \
            "key not found in model: llama.context_length" in message, message
+
+
+@pytest.mark.real_model
+def test_the_worker_logs_at_the_level_the_settings_give(caplog, tmp_path: Path) -> None:
+    """KILN_WORKER_LOG is a setting the scheduler hands each worker in its load message:
+    at debug llama.cpp's loading lines reach the gateway's log; at the default (warning)
+    the worker does not send them."""
+    import asyncio
+
+    from backends.store import ModelStore
+    from server.scheduler import Scheduler
+    from server.settings import Settings
+
+    caplog.set_level(logging.DEBUG, logger="kiln.worker.m")
+    spec = ModelSpec(name="m", path=str(bundled_gguf()), num_ctx=256)
+
+    def debug_lines(settings: Settings) -> list[str]:
+        async def main() -> None:
+            w = Scheduler(settings, ModelStore(tmp_path / "models")).backend_factory(spec)
+            await w.load()
+            await w.unload()
+
+        caplog.clear()
+        asyncio.run(main())
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+
+    assert any("llama_model_loader: " in line for line in debug_lines(Settings(worker_log="debug")))
+    assert debug_lines(Settings()) == []

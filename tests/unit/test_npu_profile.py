@@ -12,7 +12,7 @@ from compile.source import CompileError
 
 
 def npu(*args: str) -> Options:
-    return parse_args(["model.gguf", "--name", "m:1", "--profile", "npu", *args])
+    return parse_args(["model.gguf", "--name", "m:1", "--profile", "npu", "--store", "store", *args])
 
 
 def test_defaults_size_the_prompt_for_agents_from_the_trained_context():
@@ -67,3 +67,32 @@ def test_properties_ask_for_chunked_prefill():
     assert "NPUW_F16IC" not in npu_properties(npu("--npuw-devices", "NPU,CPU"))  # a real NPU: OpenVINO's default
     assert npu_prefill_properties(0) == {"PREFILL_HINT": "STATIC"}
     assert npu_prefill_properties(None) == {}  # a manifest from before: OpenVINO's default
+
+
+def test_kiln_compile_writes_to_the_store_the_settings_name(monkeypatch, tmp_path, capsys):
+    """``kiln compile`` without --store uses the server's ``models`` setting (here from the
+    TOML file, which the compiler once ignored for KILN_MODELS/OLLAMA_MODELS and a fixed
+    path); ``python -m compile`` has no settings and needs --store."""
+    import compile.openvino as ov
+    from server.cli import main as kiln
+
+    seen: list[str] = []
+
+    def run(opts: Options, out: object = None) -> None:
+        seen.append(opts.store)
+        raise CompileError("stopped before compiling")
+
+    monkeypatch.setattr(ov, "run", run)
+    cfg = tmp_path / "kiln.toml"
+    cfg.write_text(f'models = "{tmp_path / "from-toml"}"\n')
+    monkeypatch.setenv("KILN_CONFIG", str(cfg))
+    monkeypatch.delenv("KILN_MODELS", raising=False)
+    monkeypatch.delenv("OLLAMA_MODELS", raising=False)
+    assert kiln(["compile", "model.gguf", "--name", "m:1"]) == 1
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "from-env"))
+    assert kiln(["compile", "model.gguf", "--name", "m:1"]) == 1
+    assert kiln(["compile", "model.gguf", "--name", "m:1", "--store", str(tmp_path / "given")]) == 1
+    assert seen == [str(tmp_path / "from-toml"), str(tmp_path / "from-env"), str(tmp_path / "given")]
+    with pytest.raises(SystemExit):
+        ov.main(["model.gguf", "--name", "m:1"])
+    assert "--store is required" in capsys.readouterr().err

@@ -113,3 +113,19 @@ def test_the_toml_file(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=f"cannot read {cfg}: Invalid value"):
         Settings()
 
+
+def test_the_cli_sends_a_key_from_the_settings(monkeypatch, tmp_path):
+    """The client verbs take their key from the settings, as the server does (a keys
+    file named in the TOML file included); an admin key first, which create/pull need."""
+    from server.cli import Client
+
+    keys = tmp_path / "keys"
+    keys.write_text("from-file\n")
+    cfg = tmp_path / "kiln.toml"
+    cfg.write_text(f'api_keys_file = "{keys}"\n')
+    monkeypatch.setenv("KILN_CONFIG", str(cfg))
+    assert Client(Settings()).http.headers["Authorization"] == "Bearer from-file"
+    monkeypatch.setenv("KILN_API_KEY", "inference")
+    assert Client(Settings()).http.headers["Authorization"] == "Bearer inference"
+    monkeypatch.setenv("KILN_ADMIN_KEYS", "admin,other")
+    assert Client(Settings()).http.headers["Authorization"] == "Bearer admin"
