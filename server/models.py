@@ -1,4 +1,5 @@
-"""Model management: show, create, copy, delete, pull, blobs, and the bundled models.
+"""Model management: create, pull, and the bundled models (the store does copy, delete
+and blobs; each dialect shows a model in its own shape).
 
 Nothing here reads a path a request names: files come in as blobs (``/api/blobs``,
 checked against their sha256) and are checked as GGUF before any manifest points at
@@ -13,6 +14,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ from backends.gguf import GGUFError, GGUFInfo, human_number, read_gguf
 from backends.store import FileRef, Manifest, ModelName, ModelStore, ModelNotFound, sha256_file
 from server import options as opts
 from server.errors import BadRequest, KilnError
-from server.ollama.protocol import CreateRequest
 from server.render import RenderPool
 
 log = logging.getLogger("kiln.models")
@@ -69,49 +70,29 @@ def seed_bundled(store: ModelStore, force: str | None = None) -> list[str]:
     return written
 
 
-def show(store: ModelStore, name: str, *, verbose: bool = False) -> dict[str, Any]:
-    from server.inference import capabilities
-    from server.ollama import translate
+@dataclass
+class NewModel:
+    """A model to create, whatever the dialect asked: from uploaded blobs (``files``: file
+    name -> digest) or an existing model (``base``), with what to set on it."""
 
-    m = store.get(name)
-    info = dict(m.model_info)
-    if not verbose:
-        info = {k: v for k, v in info.items() if not isinstance(v, list) or len(v) <= 64}
-    body: dict[str, Any] = {
-        "license": m.license or "",
-        "modelfile": translate.modelfile(m),
-        "parameters": translate.parameters_text(m.parameters),
-        "template": m.chat_template or "",
-        "details": translate.details(m),
-        "model_info": info,
-        "capabilities": capabilities(m),
-        "modified_at": m.modified.isoformat(),
-    }
-    if m.system:
-        body["system"] = m.system
-    if m.messages:
-        body["messages"] = m.messages
-    if m.backend != "llamacpp":
-        body["kiln"] = {"backend": m.backend, "devices": m.devices, **{k: v for k, v in m.extra.items()}}
-    return body
+    name: str
+    base: str | None = None
+    files: dict[str, str] | None = None
+    template: str | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, str]] | None = None  # {"role" (lower case), "content"}
+    license: str | None = None
+    policy: dict[str, Any] | None = None
 
 
-async def create(store: ModelStore, req: CreateRequest, renderer: RenderPool) -> AsyncIterator[dict[str, Any]]:
-    """Ollama's create: from uploaded blobs (``files``) or an existing model (``from``),
-    plus system, template, parameters, messages and license. A template is test-rendered
-    in ``renderer`` (under its CPU and memory limits) before anything is written."""
-    name = req.model or req.name
+async def create(store: ModelStore, req: NewModel, renderer: RenderPool) -> AsyncIterator[dict[str, Any]]:
+    """Creates ``req``'s model. A template is test-rendered in ``renderer`` (under its CPU
+    and memory limits) before anything is written."""
+    name = req.name
     if not name:
         raise BadRequest("model is required")
     ModelName.parse(name)
-    if req.quantize:
-        raise BadRequest("quantize is not supported by kiln create; use kiln compile for OpenVINO "
-                         "weights or quantize the GGUF with llama.cpp's llama-quantize")
-    if req.adapters:
-        raise BadRequest("adapters (LoRA) are not supported yet")
-    if req.modelfile:
-        raise BadRequest("the modelfile field is no longer part of the API: send from, files, system, "
-                         "template and parameters (kiln create -f Modelfile does that for you)")
     params = opts.check(req.parameters, where="parameters") if req.parameters is not None else None
     if req.template is not None:  # a broken template fails now, with its 400, not at the first chat
         await renderer.render(req.template, [{"role": "user", "content": "test"}])
@@ -132,8 +113,8 @@ async def create(store: ModelStore, req: CreateRequest, renderer: RenderPool) ->
                       path.stat().st_size)
         m = manifest_from_gguf(name, info, ref, source=f"create:{fname}")
         yield {"status": f"using existing layer sha256:{ref.sha256}"}
-    elif req.from_:
-        src = req.from_
+    elif req.base:
+        src = req.base
         if src.startswith(("/", "./", "../", "~")) or src.endswith(".gguf"):
             raise BadRequest("from names a model; to create from a local GGUF file, upload it to /api/blobs "
                              "and pass it in files (kiln create -f Modelfile does this)")
@@ -151,9 +132,9 @@ async def create(store: ModelStore, req: CreateRequest, renderer: RenderPool) ->
     if params is not None:
         m.parameters = {**m.parameters, **params}
     if req.messages is not None:
-        m.messages = [{"role": x.role.lower(), "content": x.content or ""} for x in req.messages]
+        m.messages = req.messages
     if req.license is not None:
-        m.license = "\n".join(req.license) if isinstance(req.license, list) else req.license
+        m.license = req.license
     if req.policy is not None:
         from server.policy import merge
 

@@ -153,19 +153,20 @@ async def show(request: Request, body: ModelRequest) -> dict[str, Any]:
     service = _service(request)
     if remote.serves(service, body.target):
         return await remote.show(service, body.target, verbose=bool(body.verbose))
-    out = models.show(service.store, body.target, verbose=bool(body.verbose))
+    m = service.store.get(body.target)
+    out = translate.show(m, verbose=bool(body.verbose))
     runner = service.scheduler.runners.get(ModelName.parse(body.target).display.lower())
     if runner is not None and runner.info.details.get("fallbacks"):
         out.setdefault("kiln", {})["runtime"] = runner.info.public()
     # model_info has the trained context (<arch>.context_length, what `ollama show` prints);
     # kiln adds the context a request gets by default: the loaded one, or what a load would give.
-    ctx, why = service.scheduler.context_for(service.store.get(body.target), None)
+    ctx, why = service.scheduler.context_for(m, None)
     kiln = out.setdefault("kiln", {})
     kiln["context_length"] = runner.num_ctx if runner is not None else ctx
     if why and runner is None:
         kiln["context_limited_by"] = why
     # what that context costs, before any load: the KV cache the memory budget counts
-    kiln["kv_cache"] = service.scheduler.kv_cache_plan(service.store.get(body.target), kiln["context_length"],
+    kiln["kv_cache"] = service.scheduler.kv_cache_plan(m, kiln["context_length"],
                                                        runner.num_parallel if runner is not None else None)
     return out
 
@@ -234,7 +235,8 @@ async def _status_stream(request: Request, statuses: AsyncIterator[dict[str, Any
 @router.post("/api/create")
 async def create(request: Request, body: CreateRequest) -> Response:
     service = _service(request)
-    return await _status_stream(request, models.create(service.store, body, service.renderer), body.stream is not False)
+    statuses = models.create(service.store, translate.create_request(body), service.renderer)
+    return await _status_stream(request, statuses, body.stream is not False)
 
 
 @router.post("/api/pull")

@@ -11,8 +11,9 @@ from backends.store import Manifest
 from server import logprobs as lp
 from server import options as opts
 from server.errors import BadRequest
-from server.inference import Inference, Result
-from server.ollama.protocol import ChatRequest, GenerateRequest, Message
+from server.inference import Inference, Result, capabilities
+from server.models import NewModel
+from server.ollama.protocol import ChatRequest, CreateRequest, GenerateRequest, Message
 from server.scheduler import parse_duration
 
 
@@ -219,3 +220,45 @@ def modelfile(m: Manifest) -> str:
     if m.license:
         out.append(f'LICENSE """{m.license}"""')
     return "\n".join(out) + "\n"
+
+
+def show(m: Manifest, *, verbose: bool = False) -> dict[str, Any]:
+    """``/api/show``'s body for a stored model (the route adds what a load gives it)."""
+    info = dict(m.model_info)
+    if not verbose:
+        info = {k: v for k, v in info.items() if not isinstance(v, list) or len(v) <= 64}
+    body: dict[str, Any] = {
+        "license": m.license or "",
+        "modelfile": modelfile(m),
+        "parameters": parameters_text(m.parameters),
+        "template": m.chat_template or "",
+        "details": details(m),
+        "model_info": info,
+        "capabilities": capabilities(m),
+        "modified_at": m.modified.isoformat(),
+    }
+    if m.system:
+        body["system"] = m.system
+    if m.messages:
+        body["messages"] = m.messages
+    if m.backend != "llamacpp":
+        body["kiln"] = {"backend": m.backend, "devices": m.devices, **{k: v for k, v in m.extra.items()}}
+    return body
+
+
+def create_request(req: CreateRequest) -> NewModel:
+    """``/api/create``'s body as the model to create; what kiln does not do is refused."""
+    if req.quantize:
+        raise BadRequest("quantize is not supported by kiln create; use kiln compile for OpenVINO "
+                         "weights or quantize the GGUF with llama.cpp's llama-quantize")
+    if req.adapters:
+        raise BadRequest("adapters (LoRA) are not supported yet")
+    if req.modelfile:
+        raise BadRequest("the modelfile field is no longer part of the API: send from, files, system, "
+                         "template and parameters (kiln create -f Modelfile does that for you)")
+    messages = None if req.messages is None else [
+        {"role": x.role.lower(), "content": x.content or ""} for x in req.messages]
+    license = "\n".join(req.license) if isinstance(req.license, list) else req.license
+    return NewModel(name=req.model or req.name or "", base=req.from_, files=req.files, template=req.template,
+                    system=req.system, parameters=req.parameters, messages=messages, license=license,
+                    policy=req.policy)

@@ -540,6 +540,24 @@ def test_create_stream_false_returns_last_status(fake_client):
                         404)
 
 
+def test_create_translates_ollamas_fields_and_refuses_what_kiln_does_not_do(fake_client):
+    """The Ollama body becomes the internal model to create: messages with their roles in
+    lower case, a license list joined by lines; quantize, adapters and modelfile are 400s."""
+    r = fake_client.post("/api/create", json={
+        "model": "tutor:v1", "from": MODEL, "license": ["MIT", "Apache-2.0"], "stream": False,
+        "messages": [{"role": "User", "content": "2+2?"}, {"role": "ASSISTANT", "content": "4"}]})
+    assert r.json() == {"status": "success"}, r.text
+    show = fake_client.post("/api/show", json={"model": "tutor:v1"}).json()
+    assert show["messages"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert show["license"] == "MIT\nApache-2.0"
+    for field, value, words in (("quantize", "q4_K_M", "quantize is not supported by kiln create"),
+                                ("adapters", {"a.gguf": "sha256:" + "0" * 64}, "adapters (LoRA) are not supported"),
+                                ("modelfile", "FROM x", "the modelfile field is no longer part of the API")):
+        r = fake_client.post("/api/create", json={"model": "x:1", "from": MODEL, field: value, "stream": False})
+        assert words in ollama_error(r, 400), (field, r.text)
+    assert "x:1" not in [m["name"] for m in fake_client.get("/api/tags").json()["models"]]
+
+
 def _in_thread(fn, timeout: float = 30.0):
     """Runs ``fn`` with a hang guard: a pull must fail, not wait forever."""
     out: dict[str, Any] = {}
