@@ -40,7 +40,6 @@ class Capabilities:
     """What an engine can do, declared in its ``EngineInfo``; the gateway refuses a
     request that needs more (a 400) before anything is sent to the engine."""
 
-    batching: bool = False  # several requests may generate at once
     embeddings: bool = False
     grammar: bool = False  # JSON-schema constrained decoding
     logprobs: bool = False  # SamplingParams.logprobs: Chunk.logprobs of the sampled tokens

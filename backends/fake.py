@@ -43,7 +43,7 @@ from backends.text import StopMatcher
 
 class FakeEngine(Engine):
     name = "fake"
-    capabilities = Capabilities(batching=True, embeddings=True, grammar=True)
+    capabilities = Capabilities(embeddings=True, grammar=True)
     script: ClassVar[collections.deque[str]] = collections.deque()
     requests: ClassVar[list[GenerationRequest]] = []
     words: ClassVar[dict[int, str]] = {}  # id -> word, for detokenize

@@ -304,7 +304,7 @@ class _Seq:
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
-    capabilities = Capabilities(batching=True, embeddings=True, grammar=True, logprobs=True, logit_bias=True)
+    capabilities = Capabilities(embeddings=True, grammar=True, logprobs=True, logit_bias=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

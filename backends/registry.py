@@ -1,5 +1,6 @@
-"""Which engines exist. Built-ins register the same way third-party ones do: through
-the ``kiln.backends`` entry-point group, or ``register()`` (tests register fakes).
+"""Which engines exist: the built-ins, and third-party ones from the ``kiln.backends``
+entry-point group (``name = "module:Class"``; the module must be importable in a worker,
+which looks the engine up here by the model's backend name).
 
 Engines are named by import path and imported only when a model needs them, so the
 gateway starts without loading OpenVINO or llama.cpp.
@@ -19,22 +20,6 @@ BUILTIN: dict[str, str] = {
 }
 
 _registry: dict[str, str] = dict(BUILTIN)
-
-
-def register(name: str, target: str) -> None:
-    """``target`` is ``"module:Class"``; the module must be importable in a worker."""
-    _registry[name] = target
-
-
-def unregister(name: str) -> None:
-    _registry.pop(name, None)
-    if name in BUILTIN:
-        _registry[name] = BUILTIN[name]
-
-
-def names() -> list[str]:
-    _load_entry_points()
-    return sorted(_registry)
 
 
 def target(name: str) -> str:

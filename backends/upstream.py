@@ -530,7 +530,7 @@ class UpstreamBackend(Backend):
         self.pool, self.name = pool, name
         self.spec = ModelSpec(name=name, path="", backend="upstream")
         self.info = EngineInfo(device="upstream", num_ctx=0, num_parallel=0,
-                               capabilities=Capabilities(batching=True, embeddings=True, grammar=True))
+                               capabilities=Capabilities(embeddings=True, grammar=True))
 
     async def load(self) -> EngineInfo:
         assert self.info is not None

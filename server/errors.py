@@ -31,14 +31,6 @@ class NotFound(KilnError):
     status = 404
 
 
-class Unauthorized(KilnError):
-    status = 401
-
-
-class PayloadTooLarge(KilnError):
-    status = 413
-
-
 class ServerBusy(KilnError):
     """The model's queue is full (Ollama: ErrMaxQueue)."""
 

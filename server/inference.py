@@ -492,18 +492,6 @@ class Service:
         return Embedded(result.vectors if result else [], result.prompt_tokens if result else 0,
                         time.monotonic_ns() - t0, lease.load_ns)
 
-    async def collect(self, inf: Inference) -> tuple[str, Result]:
-        """Non-streaming: the merged text and the result."""
-        parts: list[str] = []
-        result: Result | None = None
-        async for item in self.stream(inf):
-            if isinstance(item, Chunk):
-                parts.append(item.text)
-            elif isinstance(item, Result):
-                result = item
-        assert result is not None
-        return "".join(parts), result
-
 
 # The loop guard looks at the pieces in runs of this many, not after each token: its
 # code run cold between two tokens cost the gateway 0.05 ms of CPU per token (bench.gateway),

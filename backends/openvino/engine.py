@@ -44,7 +44,7 @@ class OpenVINOEngine(Engine):
     # logprobs: the continuous-batching pipeline's (CPU, GPU) GenerationOutput carries each
     # sampled token's log-probability, and nothing of the alternatives (max_top_logprobs=0);
     # the NPU's static pipeline streams bare token ids (info() says so).
-    capabilities = Capabilities(batching=True, grammar=False, embeddings=False, logprobs=True, max_top_logprobs=0)
+    capabilities = Capabilities(grammar=False, embeddings=False, logprobs=True, max_top_logprobs=0)
 
     def __init__(self, spec: ModelSpec) -> None:
         import openvino_genai as ov_genai  # imported here: the gateway never loads OpenVINO

@@ -97,7 +97,7 @@ def test_embedding_refusals(client, value, fragment):
 @pytest.fixture
 def sampled_only(make_client):
     """An engine that gives each sampled token's log-probability and no alternatives."""
-    return make_client(engine={"info": {"capabilities": Capabilities(batching=True, logprobs=True,
+    return make_client(engine={"info": {"capabilities": Capabilities(logprobs=True,
                                                                      max_top_logprobs=0)}})
 
 
