@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import functools
-import json
 import logging
 import math
 import os
@@ -34,6 +32,7 @@ from backends.base import (KV_CACHE_TYPES, BackendError, Capabilities, Chunk, Em
                            Usage)
 from backends.cpus import CpuShare, default_threads
 from backends.gguf import read_gguf
+from backends.grammar import for_schema
 from backends.text import StopMatcher, Utf8Stream
 
 log = logging.getLogger("kiln.llamacpp")
@@ -66,24 +65,10 @@ def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         pass
 
 
-@functools.lru_cache(maxsize=64)
-def _schema_gbnf(schema_json: str) -> str:
-    # kiln's own converter: it enforces every keyword it accepts exactly (integer
-    # bounds, string lengths, no control characters...) and refuses the others.
-    from backends.schema_gbnf import SchemaError, convert
-
-    try:
-        return convert(json.loads(schema_json))
-    except SchemaError as e:
-        raise InvalidRequest(f"the JSON schema cannot be enforced: {e}") from None
-
-
 def _grammar(req: GenerationRequest) -> str | None:
     """The request's GBNF, converted from its JSON schema (format, response_format, a
-    forced tool call)."""
-    if req.json_schema is not None:
-        return _schema_gbnf(json.dumps(req.json_schema))  # key order matters: the model writes them in it
-    return None
+    forced tool call) by kiln's own converter, as on every engine."""
+    return for_schema(req.json_schema) if req.json_schema is not None else None
 
 
 def _lcp(a: list[int], b: list[int]) -> int:

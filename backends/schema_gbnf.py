@@ -392,6 +392,10 @@ class _Converter:
 
     def name(self, hint: str) -> str:
         base = re.sub(r"[^a-z0-9]+", "-", hint.lower()).strip("-") or "r"
+        if base[0].isdigit() or base in ("true", "false"):
+            # OpenVINO's xgrammar lexes those as a number or a boolean, not a rule name
+            # (a "$defs" entry named "1st" made its step() fail); llama.cpp takes both.
+            base = f"r-{base}"
         name, i = base, 1
         while name in self.rules or name in _PRIMS:
             i += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ from backends.base import (
     InvalidRequest,
     ModelSpec,
 )
+from backends.grammar import GrammarError, check, for_schema
 from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN, Needs,
                                       _Request, npu_prefill_properties, npu_prompt_size, npuw_device_properties,
                                       short_error)
@@ -29,7 +31,9 @@ from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 
 log = logging.getLogger("kiln.openvino")
 
-NO_GRAMMAR = "the openvino backend does not do grammar-constrained decoding"
+NO_GRAMMAR = "structured output is not available on this openvino pipeline: {}"
+OUTSIDE_DIALECT = ("the grammar made from this JSON schema is outside the dialect OpenVINO's xgrammar is "
+                   "known to compile ({}); it was refused before reaching the pipeline")
 NO_TOP_LOGPROBS = ("top_logprobs: the openvino backend reports only the sampled token's log-probability "
                    "(OpenVINO GenAI gives no alternatives); ask for top_logprobs 0")
 NO_NPU_LOGPROBS = "logprobs are not available on the openvino backend's NPU pipeline (it streams bare token ids)"
@@ -37,14 +41,16 @@ NO_NPU_LOGPROBS = "logprobs are not available on the openvino backend's NPU pipe
 
 class OpenVINOEngine(Engine):
     name = "openvino"
-    # No grammar: OpenVINO GenAI compiles a structured-output grammar (xgrammar) inside
-    # step(), and one that fails to compile makes that and every later step() of the
-    # pipeline fail (probed on 2026.4.1); there is no way to check a grammar first
-    # without the xgrammar package, which needs torch.
+    # grammar: kiln's own converter makes the GBNF (the same schema subset and 400s as on
+    # llama.cpp), backends.grammar.check reads it before it goes anywhere near the
+    # pipeline, and OpenVINO GenAI's xgrammar enforces it (StructuredOutputConfig.grammar).
+    # The check matters: a grammar that fails to compile inside step() fails that and
+    # every later step() of the continuous-batching pipeline (probed on 2026.4.1), where
+    # the NPU's static pipeline fails only that generate() call.
     # logprobs: the continuous-batching pipeline's (CPU, GPU) GenerationOutput carries each
     # sampled token's log-probability, and nothing of the alternatives (max_top_logprobs=0);
     # the NPU's static pipeline streams bare token ids (info() says so).
-    capabilities = Capabilities(grammar=False, embeddings=False, logprobs=True, max_top_logprobs=0)
+    capabilities = Capabilities(grammar=True, embeddings=False, logprobs=True, max_top_logprobs=0)
 
     def __init__(self, spec: ModelSpec) -> None:
         import openvino_genai as ov_genai  # imported here: the gateway never loads OpenVINO
@@ -96,6 +102,7 @@ class OpenVINOEngine(Engine):
         self.tokenizer = self._runner.tokenizer
         self.n_vocab = self._vocab_size()
         self._bos = self._bos_prefix()
+        self.no_grammar = self._runner.grammar_error  # why structured output is off, if it is
         self._runner.start(Needs(spec.name, ov_genai, self.tokenize,
                                  lambda req, max_new: self.generation_config(req, max_new), self._too_long))
 
@@ -265,11 +272,25 @@ class OpenVINOEngine(Engine):
 
     def prepare(self, req: GenerationRequest) -> list[int]:
         """What the gateway asks before streaming, to answer 400 rather than fail midway."""
-        if req.constrained:
-            raise InvalidRequest(NO_GRAMMAR)
+        self._grammar(req)  # a schema that cannot be enforced is a 400 now, not mid-stream
         if req.tokens is not None:
             return list(req.tokens)
         return self.tokenize(req.prompt)  # the gateway compares its length with info().max_prompt_len
+
+    def _grammar(self, req: GenerationRequest) -> str | None:
+        """The request's grammar, converted and checked; InvalidRequest for a schema kiln
+        cannot enforce (as on llama.cpp) or a grammar outside the checked dialect."""
+        if req.json_schema is None:
+            return None
+        if self.no_grammar:
+            raise InvalidRequest(NO_GRAMMAR.format(self.no_grammar))
+        text = for_schema(req.json_schema)
+        try:
+            _checked(text)
+        except GrammarError as e:
+            log.error("%s: refused a grammar kiln's converter made: %s", self.spec.name, e)
+            raise InvalidRequest(OUTSIDE_DIALECT.format(e)) from None
+        return text
 
     def _too_long(self, n: int) -> str:
         source = (self.spec.extra or {}).get("source") or "SOURCE"
@@ -303,8 +324,9 @@ class OpenVINOEngine(Engine):
             c.repetition_penalty = float(s.repeat_penalty)
         c.presence_penalty = float(s.presence_penalty)
         c.frequency_penalty = float(s.frequency_penalty)
-        if req.constrained:  # also here: submit() may come without prepare()
-            raise InvalidRequest(NO_GRAMMAR)
+        grammar = self._grammar(req)  # also here: submit() may come without prepare()
+        if grammar is not None:
+            c.structured_output_config = g.StructuredOutputConfig(grammar=grammar)
         if s.logprobs is not None:  # the gateway refused these already (EngineInfo.capabilities)
             if self.pipeline == "npu_static":
                 raise InvalidRequest(NO_NPU_LOGPROBS)
@@ -328,6 +350,7 @@ class OpenVINOEngine(Engine):
             self._runner.cancel(req_id)
 
     def info(self) -> EngineInfo:
+        caps = self.capabilities if not self.no_grammar else dataclasses.replace(self.capabilities, grammar=False)
         details: dict[str, Any] = {
             "devices": self.devices,
             "fallbacks": list(self.fallbacks),
@@ -336,9 +359,13 @@ class OpenVINOEngine(Engine):
             "load_seconds": self.load_seconds,
             "cache": self.cache,
         }
+        if self.no_grammar:
+            details["structured_output"] = f"off: {self.no_grammar}"
+        elif self._runner is not None and self._runner.grammar_init_seconds is not None:
+            details["grammar_init_seconds"] = self._runner.grammar_init_seconds
         if isinstance(self._runner, _ContinuousBatching):
             return EngineInfo(device=self.device or "", num_ctx=self._runner.num_ctx, num_parallel=self._runner.seqs,
-                              capabilities=self.capabilities, kv_bytes=self._runner.kv_cache_bytes,
+                              capabilities=caps, kv_bytes=self._runner.kv_cache_bytes,
                               n_vocab=self.n_vocab, details=details)
         details["min_response_len"] = self.min_response_len
         details["prefill"] = (f"chunks of {self.prefill_chunk}" if self.prefill_chunk
@@ -346,7 +373,7 @@ class OpenVINOEngine(Engine):
         if self.npuw_devices:
             details["npuw_devices"] = self.npuw_devices
         return EngineInfo(device=self.device or "", num_ctx=self.max_prompt_len + self.min_response_len,
-                          num_parallel=1, capabilities=dataclasses.replace(self.capabilities, logprobs=False),
+                          num_parallel=1, capabilities=dataclasses.replace(caps, logprobs=False),
                           max_prompt_len=self.max_prompt_len, n_vocab=self.n_vocab, details=details)
 
     def stats(self) -> dict[str, Any]:
@@ -356,6 +383,11 @@ class OpenVINOEngine(Engine):
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(text: str) -> None:
+    check(text)  # cached: a request's grammar is checked in prepare() and again at submit
 
 
 def _canary(g: Any, pipe: Any) -> None:

@@ -10,12 +10,14 @@ needed; a GPU that is absent exercises the device fallback.
 from __future__ import annotations
 
 import asyncio
-import math
 import importlib.util
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from backends.base import (
@@ -29,7 +31,9 @@ from backends.base import (
 )
 from backends.bundled import smollm2_path
 from backends.store import ModelStore
+from server.tools import call_schema
 from tests.models import bundled_gguf, chat
+from tests.schemas import PERSON
 
 GGUF = smollm2_path()
 pytestmark = [
@@ -187,17 +191,129 @@ def test_gguf_four_concurrent_requests_keep_their_own_options(gguf_cb: InProcess
     assert max(active) >= 2  # they were in the batch together
 
 
-def test_gguf_grammar_is_refused_without_harm(gguf_cb: InProcessBackend) -> None:
-    assert not gguf_cb.capabilities.grammar
-    bad = GenerationRequest("Hello", SamplingParams(max_tokens=5), json_schema={"type": "object"})
-    with pytest.raises(InvalidRequest, match="grammar"):
-        asyncio.run(gguf_cb.prepare(bad))  # the gateway's 400, from the declared capabilities
-    with pytest.raises(InvalidRequest, match="grammar"):
-        gguf_cb.engine.prepare(bad)  # and the engine's own
-    text, last, _ = run(gguf_cb, bad)
-    assert last.finish_reason == FinishReason.ERROR and "grammar" in last.detail
-    text, last, _ = run(gguf_cb, req("1, 2, 3, 4, 5,", max_tokens=8))  # the batch is unharmed
-    assert text.startswith(" 6, 7")
+# -- structured output (kiln's grammar, OpenVINO GenAI's xgrammar) ------------------------
+ADDRESS = {"type": "object", "properties": {
+    "street": {"type": "string", "maxLength": 30}, "zip": {"type": "integer", "minimum": 10000, "maximum": 99999}},
+    "required": ["street", "zip"], "additionalProperties": False}
+WEATHER_FN = {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"]}}
+TIME_FN = {"name": "get_time", "parameters": {"type": "object", "properties": {
+    "timezone": {"type": "string", "maxLength": 30}}, "required": ["timezone"]}}
+# (schema, user prompt, max_tokens): bounds large enough that nothing is cut short
+STRUCTURED = {
+    "person": (PERSON, "Describe a person as JSON with name, age, city and tags.", 300),
+    "enum": ({"type": "string", "enum": ["red", "green", "blue"]}, "What color is the sky? Answer in JSON.", 20),
+    "defs": ({"$defs": {"1st": ADDRESS}, "type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 30}, "home": {"$ref": "#/$defs/1st"},
+        "work": {"anyOf": [{"$ref": "#/$defs/1st"}, {"type": "null"}]}}, "required": ["name", "home", "work"]},
+        "Give a JSON contact with a name, a home address and a work address.", 300),
+    "tool-call": (call_schema([WEATHER_FN, TIME_FN]), "What is the weather in Paris?", 200),
+    "non-ascii": ({"type": "object", "properties": {"city": {"enum": ["Zürich", "東京", "Łódź"]},
+                                                    "note": {"type": "string", "minLength": 3, "maxLength": 12}},
+                   "required": ["city", "note"], "additionalProperties": False},
+                  "Pick a city and write a short note about it in its own language, as JSON.", 80),
+}
+
+
+def structured(schema: Any, prompt: str, max_tokens: int, seed: int) -> GenerationRequest:
+    return GenerationRequest(chat(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed),
+                             json_schema=schema)
+
+
+def test_gguf_structured_output_parses_and_validates(gguf_cb: InProcessBackend) -> None:
+    """Every case, 4 seeds each, all in the batch at once: each answer ends by itself and
+    validates (the same grammar llama.cpp gets, enforced by xgrammar)."""
+    info = gguf_cb.engine.info()
+    assert info.capabilities.grammar and info.details["grammar_init_seconds"] > 0
+
+    async def main() -> list[list[Chunk]]:
+        return await asyncio.gather(*(collect(gguf_cb, structured(*case, seed))
+                                      for case in STRUCTURED.values() for seed in range(4)))
+
+    results = iter(asyncio.run(main()))
+    for name, (schema, _, _) in STRUCTURED.items():
+        validator = jsonschema.Draft202012Validator(schema)
+        for seed in range(4):
+            chunks = next(results)
+            last = check_final(chunks)
+            text = "".join(c.text for c in chunks)
+            assert last.finish_reason == FinishReason.STOP, (name, seed, last.detail, text)
+            validator.validate(json.loads(text))
+
+
+def test_gguf_unenforceable_schema_is_the_llama_cpp_400(gguf_cb: InProcessBackend) -> None:
+    bad = GenerationRequest("Hello", SamplingParams(max_tokens=5), json_schema={"type": "string", "pattern": "^a+$"})
+    why = "the JSON schema cannot be enforced: 'pattern' is not supported"  # llama.cpp's words
+    with pytest.raises(InvalidRequest, match=why):
+        asyncio.run(gguf_cb.prepare(bad))  # the gateway's 400
+    text, last, _ = run(gguf_cb, bad)  # and the engine's own, without prepare()
+    assert last.finish_reason == FinishReason.ERROR and why in last.detail
+
+
+def test_gguf_a_grammar_outside_the_dialect_never_reaches_the_pipeline(
+        gguf_cb: InProcessBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grammar that would fail inside step() (a rule named "1st" fails xgrammar's lexer;
+    unchecked, it fails that step and every later one) is refused before the pipeline,
+    while a long request runs beside it; that one, and the ones after, are served."""
+    import backends.openvino.engine as ov_engine
+
+    real = ov_engine.for_schema
+    poison = 'root ::= 1st\n1st ::= "a"\n'
+    monkeypatch.setattr(ov_engine, "for_schema", lambda s: poison if s == {"poison": True} else real(s))
+    bad = GenerationRequest("Hello", SamplingParams(max_tokens=5), json_schema={"poison": True})
+    with pytest.raises(InvalidRequest, match="outside the dialect"):
+        asyncio.run(gguf_cb.prepare(bad))
+
+    async def main() -> tuple[list[Chunk], list[Chunk]]:
+        long = asyncio.create_task(collect(gguf_cb, req("1, 2, 3, 4, 5,", max_tokens=40)))
+        await asyncio.sleep(0.3)  # it is in the pipeline, generating
+        return await collect(gguf_cb, bad), await long
+
+    refused, beside = asyncio.run(main())
+    assert refused[-1].finish_reason == FinishReason.ERROR and "outside the dialect" in refused[-1].detail
+    assert beside[-1].finish_reason == FinishReason.LENGTH and beside[-1].usage.completion_tokens == 40
+    text, last, _ = run(gguf_cb, structured(*STRUCTURED["enum"], 0))
+    assert last.finish_reason == FinishReason.STOP and json.loads(text) in ("red", "green", "blue")
+
+
+def test_gguf_fuzzed_schemas_compile_in_the_pipeline(gguf_cb: InProcessBackend) -> None:
+    """What the dialect check passes, OpenVINO GenAI's xgrammar compiles: 150 random
+    schemas (tests/schema_strategies.py, "$defs" named "1st"/"true" among them), one token
+    each; a grammar that failed would end its request with "OpenVINO failed". 30 of them
+    also generate up to 48 tokens at temperature 1, and what ends by itself validates."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.schema_strategies import SCHEMAS, WITH_DEFS
+
+    seen = {"compiled": 0, "refused": 0, "validated": 0}
+
+    @given(SCHEMAS | WITH_DEFS, st.integers(0, 2**31 - 1))
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    def one(schema: Any, seed: int) -> None:
+        generate = seen["compiled"] < 30
+        r = GenerationRequest(chat("Answer in JSON."), SamplingParams(max_tokens=48 if generate else 1,
+                                                                      temperature=1.0, seed=seed),
+                              json_schema=schema)
+        try:
+            asyncio.run(gguf_cb.prepare(r))
+        except InvalidRequest as e:
+            assert "cannot be enforced" in str(e), e  # never "outside the dialect"
+            seen["refused"] += 1
+            return
+        text, last, _ = run(gguf_cb, r)
+        assert last.finish_reason != FinishReason.ERROR, (schema, last.detail)
+        seen["compiled"] += 1
+        if generate and last.finish_reason == FinishReason.STOP:
+            errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(json.loads(text))]
+            assert not errors, (schema, text, errors)
+            seen["validated"] += 1
+
+    one()
+    print(f"\nfuzzed schemas: {seen}")
+    assert seen["compiled"] >= 80 and seen["validated"] >= 10
 
 
 def test_gguf_a_failed_step_fails_its_batch_and_the_pipeline_recovers(
@@ -353,6 +469,38 @@ def test_npu_prompt_over_max_prompt_len_is_refused(npu: InProcessBackend) -> Non
 
 
 @needs_compile
+def test_npu_structured_output_parses_and_validates(npu: InProcessBackend) -> None:
+    """The static pipeline's generate() honours StructuredOutputConfig: the same grammar."""
+    assert npu.engine.info().capabilities.grammar
+    for name in ("person", "enum", "tool-call"):
+        schema, prompt, max_tokens = STRUCTURED[name]
+        text, last, chunks = run(npu, structured(schema, prompt, min(max_tokens, 64), 1))
+        check_final(chunks)
+        assert last.finish_reason == FinishReason.STOP, (name, last.detail, text)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_npu_a_failing_grammar_fails_only_its_own_request(
+        npu: InProcessBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unlike the continuous-batching pipeline, a grammar xgrammar cannot parse fails
+    only that generate() call here (probed): the next request is served by the same
+    pipeline. (kiln's check keeps such grammars out anyway; this one goes around it.)"""
+    engine = npu.engine
+    real = engine.generation_config
+
+    def poisoned(r: GenerationRequest, max_new: int) -> Any:
+        cfg = real(r, max_new)
+        if r.prompt == "Hello":
+            cfg.structured_output_config = engine.ov_genai.StructuredOutputConfig(grammar="root ::= (((")
+        return cfg
+
+    monkeypatch.setattr(engine, "generation_config", poisoned)
+    text, last, _ = run(npu, req("Hello", max_tokens=5))
+    assert last.finish_reason == FinishReason.ERROR and "OpenVINO failed" in last.detail
+    text, last, _ = run(npu, structured(*STRUCTURED["enum"], 0))
+    assert last.finish_reason == FinishReason.STOP and json.loads(text) in ("red", "green", "blue")
+
+
 def test_npu_full_kv_cache_ends_length_never_silently(compiled: dict[str, Any]) -> None:
     # Other static lengths than the blob's: the blob is skipped and the model compiled afresh.
     m = compiled["manifest"]

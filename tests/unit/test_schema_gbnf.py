@@ -24,8 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import schema_gbnf
+from backends.grammar import check as check_dialect
 from backends.schema_gbnf import SchemaError, convert
 from gbnf_match import Grammar
+from tests.schema_strategies import SCHEMAS, WITH_DEFS
 from tests.schemas import PERSON
 
 # Hypothesis's caches go to a temporary directory: nothing is written into the checkout.
@@ -516,46 +518,14 @@ def test_refused(schema, word):
 
 # --- random schemas: every text the grammar can produce validates ---------------------
 
-SMALL = st.integers(-30, 30)
-SCALARS = st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=3)
-KEYS = st.sampled_from(["a", "b", "ab", "é", 'q"', "", "x y"])
-LEAVES = (
-    st.fixed_dictionaries({"type": st.sampled_from(["integer", "number"])}, optional={
-        "minimum": SMALL, "maximum": SMALL, "exclusiveMinimum": SMALL, "exclusiveMaximum": SMALL})
-    | st.fixed_dictionaries({"type": st.just("string")}, optional={
-        "minLength": st.integers(0, 4), "maxLength": st.integers(0, 6)})
-    | st.sampled_from([{"type": "string", "format": f} for f in ("date", "time", "date-time", "uuid")]
-                      + [{"type": "boolean"}, {"type": "null"}, {}, True, {"type": ["string", "null"]}])
-    | st.lists(SCALARS, min_size=1, max_size=4).map(lambda v: {"enum": v})
-    | SCALARS.map(lambda v: {"const": v}))
-
-
-def _compound(inner):
-    extra = st.sampled_from([None, False, True, {"type": "integer", "maximum": 3}])
-    objects = st.builds(
-        lambda props, req, ap: {"type": "object", "properties": props, "required": req,
-                                **({} if ap is None else {"additionalProperties": ap})},
-        st.dictionaries(KEYS, inner, max_size=4), st.lists(KEYS, max_size=2, unique=True), extra)
-    maps = st.builds(lambda ap: {"type": "object", "additionalProperties": ap}, inner)
-    arrays = st.builds(
-        lambda items, prefix, lo, hi: {"type": "array", "items": items, "prefixItems": prefix,
-                                       "minItems": lo, **({} if hi is None else {"maxItems": hi})},
-        inner | st.just(False), st.lists(inner, max_size=2), st.integers(0, 3),
-        st.none() | st.integers(0, 5))
-    return (objects | maps | arrays | st.lists(inner, min_size=1, max_size=3).map(lambda b: {"anyOf": b})
-            | st.lists(inner, min_size=1, max_size=2).map(lambda b: {"allOf": b}))
-
-
-SCHEMAS = st.recursive(LEAVES, _compound, max_leaves=8)
-
-
-@given(SCHEMAS, st.randoms(use_true_random=False))
+@given(SCHEMAS | WITH_DEFS, st.randoms(use_true_random=False))
 @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_schemas_every_produced_text_validates(schema, rnd):
     try:
         text = convert(schema)
     except SchemaError:
         return  # refused (unsatisfiable, or beyond what is enforced): nothing to check
+    check_dialect(text)  # what the OpenVINO engine checks before its pipeline sees a grammar
     g = Grammar(text)
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
