@@ -1,7 +1,11 @@
-"""The bundled model the real-model tests run on, and its chat format (ChatML)."""
+"""The bundled model the real-model tests run on, its chat format (ChatML), and the one
+"is it here?" rule for a real model or engine: skipped without it, a failure under
+``KILN_REQUIRE_REAL=1`` (CI)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +35,22 @@ def _required(path: Path | None, missing: str) -> Path:
             pytest.fail(missing)
         pytest.skip(missing)
     return path
+
+
+def real_import(module: str) -> Any:
+    """A real engine's module (``llama_cpp``...): the test is skipped without it, or fails
+    on the import under ``KILN_REQUIRE_REAL=1``."""
+    if os.environ.get("KILN_REQUIRE_REAL"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def missing(*modules: str) -> bool:
+    """For ``skipif``: whether a module a real engine needs is absent and the test may be
+    skipped. Never under ``KILN_REQUIRE_REAL=1``: the test runs and fails on the import."""
+    if os.environ.get("KILN_REQUIRE_REAL"):
+        return False
+    return any(importlib.util.find_spec(m) is None for m in modules)
 
 
 def model_path() -> str:

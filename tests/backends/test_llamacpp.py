@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-L = pytest.importorskip("llama_cpp")
+from tests.models import real_import
+
+L = real_import("llama_cpp")
 
 from backends.base import (  # noqa: E402
     Chunk,

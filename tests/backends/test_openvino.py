@@ -10,7 +10,6 @@ needed; a GPU that is absent exercises the device fallback.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import time
@@ -32,16 +31,16 @@ from backends.base import (
 from backends.bundled import smollm2_path
 from backends.store import ModelStore
 from server.tools import call_schema
-from tests.models import bundled_gguf, chat
+from tests.models import bundled_gguf, chat, missing, real_import
 from tests.schemas import PERSON
 
 GGUF = smollm2_path()
 pytestmark = [
     pytest.mark.real_model,
-    pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None, reason="openvino-genai missing"),
+    pytest.mark.skipif(missing("openvino_genai"), reason="openvino-genai missing"),
 ]
 needs_compile = pytest.mark.skipif(
-    importlib.util.find_spec("optimum") is None or importlib.util.find_spec("nncf") is None,
+    missing("optimum", "nncf"),
     reason="the compile extra (torch, optimum-intel, nncf) is not installed")
 
 NPU_EXTRA = {"max_prompt_len": 256, "min_response_len": 64}
@@ -99,7 +98,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``kiln compile`` the bundled GGUF once: int4 (symmetric, for the NPU profile),
     static lengths 256/64, prefill in chunks of 128, NPUW on the CPU; the IR also serves the
     CPU tests."""
-    if importlib.util.find_spec("optimum") is None:
+    if missing("optimum"):
         pytest.skip("the compile extra is not installed")
     from compile.openvino import main
 
@@ -557,7 +556,7 @@ def test_compile_hub_id_is_a_clear_offline_error(tmp_path: Path, capsys: pytest.
 
 
 def _tiny_gguf(path: Path, arch: str) -> Path:
-    gguf = pytest.importorskip("gguf")
+    gguf = real_import("gguf")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(128)
     w.write_header_to_file()

@@ -11,7 +11,6 @@ One compile of about three minutes (export, int4, the static NPU model).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 from typing import Any
 
@@ -20,12 +19,12 @@ import pytest
 from backends.base import InProcessBackend, ModelSpec
 from backends.store import ModelStore
 from tests.backends.test_openvino import load, req, run
-from tests.models import gemma3_gguf
+from tests.models import gemma3_gguf, missing
 
 pytestmark = [
     pytest.mark.real_model,
-    pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None, reason="openvino-genai missing"),
-    pytest.mark.skipif(importlib.util.find_spec("optimum") is None or importlib.util.find_spec("nncf") is None,
+    pytest.mark.skipif(missing("openvino_genai"), reason="openvino-genai missing"),
+    pytest.mark.skipif(missing("optimum", "nncf"),
                        reason="the compile extra (torch, optimum-intel, nncf) is not installed"),
 ]
 

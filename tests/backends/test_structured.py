@@ -22,7 +22,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-L = pytest.importorskip("llama_cpp")
+from tests.models import real_import
+
+L = real_import("llama_cpp")
 
 from backends.base import (  # noqa: E402
     FinishReason,

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-pytest.importorskip("llama_cpp")
+from tests.models import real_import
+
+real_import("llama_cpp")
 
 from backends.base import GenerationRequest, ModelSpec, SamplingParams  # noqa: E402
 from backends.llamacpp import LlamaCppEngine, _Cancelled, _Entry  # noqa: E402
