@@ -10,6 +10,7 @@ options, a prompt longer than the context, a full queue) happens before its firs
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -312,6 +313,72 @@ class Service:
             if rest is not None:
                 yield rest
             yield result
+
+    async def stream_several(self, infs: Sequence[Inference]) -> AsyncGenerator[Any, None]:
+        """Several prompts of one request (OpenAI's completions take a list of them), each
+        its own ``stream`` at once, as separate requests would be. One ``Ready`` once every
+        one holds its slots (a prompt refused before that keeps the request's status code;
+        chunks that come earlier wait), their chunks merged as they come, prompt i's choice
+        j re-indexed ``i * n + j``, then one ``Result`` whose ``choices`` are all of theirs
+        and whose usage is their sum."""
+        n = infs[0].n
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(i: int, inf: Inference) -> None:
+            try:
+                async with contextlib.aclosing(self.stream(inf)) as items:
+                    async for item in items:
+                        await queue.put((i, item))
+            except BaseException as e:
+                await queue.put((i, e))
+                raise
+
+        tasks = [asyncio.ensure_future(pump(i, inf)) for i, inf in enumerate(infs)]
+        readies: list[Ready] = []
+        results: dict[int, Result] = {}
+        texts: dict[int, list[str]] = collections.defaultdict(list)
+        held: list[Chunk] | None = []  # chunks that came before every prompt was Ready
+        try:
+            while len(results) < len(infs):
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Ready):
+                    readies.append(item)
+                    if len(readies) == len(infs) and held is not None:
+                        notes = list(dict.fromkeys(note for r in readies for note in r.notes))
+                        yield Ready(notes, sum(r.prompt_tokens for r in readies))
+                        for early in held:
+                            yield early
+                        held = None
+                elif isinstance(item, Result):
+                    results[i] = item
+                else:
+                    chunk = dataclasses.replace(item, index=i * n + item.index)
+                    texts[chunk.index].append(chunk.text)
+                    if held is not None:
+                        held.append(chunk)
+                    else:
+                        yield chunk
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        choices: list[Result] = []
+        for i in range(len(infs)):
+            r = results[i]
+            for j, c in enumerate(r.choices or [r]):
+                choices.append(dataclasses.replace(c, text="".join(texts[i * n + j]), choices=None))
+        us = [r.usage for r in results.values()]
+        total = Usage(prompt_tokens=sum(u.prompt_tokens for u in us),
+                      completion_tokens=sum(u.completion_tokens for u in us),
+                      cached_tokens=sum(u.cached_tokens for u in us),
+                      prompt_ns=max(u.prompt_ns for u in us), eval_ns=max(u.eval_ns for u in us))
+        if infs[0].trace is not None:
+            infs[0].trace.update(prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens)
+        first = results[0]
+        yield dataclasses.replace(first, usage=total, choices=choices,
+                                  total_ns=max(r.total_ns for r in results.values()))
 
     async def _choices(self, lease: Any, p: Prepared, trace: dict[str, Any], t0: int,
                        n_prompt: int) -> AsyncGenerator[Any, None]:

@@ -52,12 +52,15 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
-    inf = translate.completion_to_internal(body, request.headers.get(translate.NUM_CTX_HEADER))
-    inf.trace = trace(request)
-    inf.stream = bool(body.stream)
+    infs = translate.completion_to_internal(body, request.headers.get(translate.NUM_CTX_HEADER))
+    for inf in infs:
+        inf.trace = trace(request)
+        inf.stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     s = translate.CompletionStream(body.model, include_usage)
-    echo = (inf.prompt or "") if body.echo else ""  # the prompt first, as written (cheap: no logprobs)
+    n = infs[0].n
+    # each choice's prompt first, as written (cheap: no logprobs)
+    echo = [inf.prompt or "" for inf in infs for _ in range(n)] if body.echo else []
 
     def each(item: Any) -> bytes:
         if isinstance(item, Chunk) and item.text:
@@ -66,9 +69,11 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
             return b"".join(sse_event(c) for c in s.finish(item)) + SSE_DONE
         return b""
 
-    encode = Opening(lambda: b"".join(sse_event(s.content(Chunk(text=echo, index=i))) for i in range(inf.n))
-                     if echo else b"", each)
-    return await respond(request, _service(request).stream(inf), stream=bool(body.stream), media_type=SSE,
+    encode = Opening(lambda: b"".join(sse_event(s.content(Chunk(text=e, index=i))) for i, e in enumerate(echo)
+                                      if e), each)
+    service = _service(request)
+    items = service.stream(infs[0]) if len(infs) == 1 else service.stream_several(infs)
+    return await respond(request, items, stream=bool(body.stream), media_type=SSE,
                          encode=encode, on_error=_sse_error,
                          whole=lambda text, r: translate.completion(s.id, body.model, text, r, echo))
 

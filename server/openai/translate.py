@@ -8,6 +8,7 @@ import json
 import struct
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from backends.base import Chunk, FinishReason
@@ -180,11 +181,15 @@ def chat_to_internal(req: ChatCompletionRequest, num_ctx_header: str | None = No
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
-def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = None) -> Inference:
+MAX_PROMPTS = 64  # prompts in one /v1/completions request; each is a sequence (or n) of its own
+
+
+def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = None) -> list[Inference]:
+    """One Inference per prompt (OpenAI's completions take a list of them; prompt i's
+    choice j is choice ``i * n + j`` of the response)."""
     if not req.model:
         raise BadRequest("you must provide a model parameter")
-    prompt = prompt_input(req.prompt)
-    text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+    prompts = prompt_input(req.prompt)
     if req.best_of not in (None, 1):
         raise BadRequest("best_of must be 1")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -194,13 +199,15 @@ def completion_to_internal(req: CompletionRequest, num_ctx_header: str | None = 
                          "does not compute")
     if req.echo and req.suffix:
         raise BadRequest("echo cannot be combined with suffix")
-    if ids is not None and (req.echo or req.suffix):
+    if any(not isinstance(p, str) for p in prompts) and (req.echo or req.suffix):
         raise BadRequest(f"{'echo' if req.echo else 'suffix'} needs the prompt as text, not as token ids")
-    return Inference(model=req.model, prompt=text, prompt_ids=ids, raw=True,
-                     suffix=req.suffix,
-                     options=sampling_options(req, req.max_tokens, num_ctx_header), fallback=dict(OPENAI_DEFAULTS),
-                     fallback_from="OpenAI's default", logprobs=req.logprobs, logit_bias=lp.bias(req.logit_bias),
-                     n=req.n or 1)
+    options = sampling_options(req, req.max_tokens, num_ctx_header)
+    bias = lp.bias(req.logit_bias)
+    return [Inference(model=req.model, prompt=p if isinstance(p, str) else "",
+                      prompt_ids=None if isinstance(p, str) else p, raw=True, suffix=req.suffix,
+                      options=dict(options), fallback=dict(OPENAI_DEFAULTS), fallback_from="OpenAI's default",
+                      logprobs=req.logprobs, logit_bias=bias, n=req.n or 1)
+            for p in prompts]
 
 
 def finish_reason(r: Result) -> str:
@@ -325,10 +332,12 @@ def completion_logprobs(raw: list[dict[str, Any]] | None, offset: int = 0) -> di
             "text_offset": offsets}
 
 
-def completion(cid: str, model: str, text: str, r: Result, echo: str = "") -> dict[str, Any]:
+def completion(cid: str, model: str, text: str, r: Result, echo: Sequence[str] = ()) -> dict[str, Any]:
+    """``echo``: each choice's prompt, written before its text (empty: no echo)."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"text": echo + t, "index": i, "logprobs": completion_logprobs(c.logprobs),
+            "choices": [{"text": (echo[i] if echo else "") + t, "index": i,
+                         "logprobs": completion_logprobs(c.logprobs),
                          "finish_reason": finish_reason(c)} for i, (t, c) in enumerate(_each(text, r))],
             "usage": usage(r)}
 
@@ -383,18 +392,16 @@ def _one_or_many(value: Any, field: str) -> list[str | list[int]]:
     return out
 
 
-def prompt_input(value: Any) -> str | list[int]:
-    """A completion's prompt: its text or its token ids. kiln serves one prompt a
-    request, so a list holds exactly one (several prompts: several requests)."""
+def prompt_input(value: Any) -> list[str | list[int]]:
+    """A completion's prompts: each its text or its token ids (None: one empty prompt)."""
     if value is None:
-        return ""
+        return [""]
     if isinstance(value, list) and not value:
         raise BadRequest("prompt must not be an empty list")
     prompts = _one_or_many(value, "prompt")
-    if len(prompts) != 1:
-        raise BadRequest("prompt must be a string, a list of token ids, or a list of exactly one string or "
-                         "token list (kiln serves one prompt per request)")
-    return prompts[0]
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+    return prompts
 
 
 def embedding_input(value: Any) -> list[str | list[int]]:

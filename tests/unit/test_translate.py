@@ -185,10 +185,12 @@ def test_openai_shapes():
 
 
 def test_completion_request():
-    inf = oa.completion_to_internal(CompletionRequest(model="m", prompt=["once"], max_tokens=3))
+    [inf] = oa.completion_to_internal(CompletionRequest(model="m", prompt=["once"], max_tokens=3))
     assert inf.raw and inf.prompt == "once" and inf.options["num_predict"] == 3
+    a, b = oa.completion_to_internal(CompletionRequest(model="m", prompt=["a", [4, 5]], n=2))
+    assert (a.prompt, a.prompt_ids, b.prompt, b.prompt_ids, a.n, b.n) == ("a", None, "", [4, 5], 2, 2)
     with pytest.raises(BadRequest):
-        oa.completion_to_internal(CompletionRequest(model="m", prompt=["a", "b"]))
+        oa.completion_to_internal(CompletionRequest(model="m", prompt=["a"] * 65))
 
 
 def test_base64_embedding_is_little_endian_float32():
