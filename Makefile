@@ -34,7 +34,8 @@ $(VENV)/.test-deps: $(BIN)/kiln
 	touch $@
 
 # The whole suite on the default (llama.cpp) backend, and the black-box conformance
-# suite again against the same model served by OpenVINO on the CPU and through the NPU
+# suite again against the same model served by OpenVINO on the CPU (with the guardrail
+# suite, tests/real/test_guardrails.py: about 4 minutes more) and through the NPU
 # pipeline (NPUW on the CPU), through an upstream (a second kiln node reached over
 # [[upstreams]], about 4 minutes), and on Gemma 3 270M (llama.cpp, about 5 minutes); and
 # mypy first ([tool.mypy] in pyproject.toml: server/ and backends/). Every run must pass; an
@@ -45,7 +46,8 @@ test: $(VENV)/.test-deps
 	$(BIN)/python -m mypy || status=1; \
 	for backend in openvino-cpu openvino-npu upstream; do \
 		echo "== conformance suite on $$backend"; \
-		KILN_CONFORMANCE_BACKEND=$$backend $(BIN)/python -m pytest tests/real/test_clients.py $(PYTEST_ARGS) || status=1; \
+		extra=$$([ $$backend = openvino-cpu ] && echo tests/real/test_guardrails.py); \
+		KILN_CONFORMANCE_BACKEND=$$backend $(BIN)/python -m pytest tests/real/test_clients.py $$extra $(PYTEST_ARGS) || status=1; \
 	done; \
 	echo "== conformance suite on Gemma 3 270M (llama.cpp)"; \
 	KILN_CONFORMANCE_MODEL=gemma3 $(BIN)/python -m pytest tests/real/test_clients.py $(PYTEST_ARGS) || status=1; \

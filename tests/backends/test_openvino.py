@@ -276,13 +276,16 @@ def test_gguf_a_grammar_outside_the_dialect_never_reaches_the_pipeline(
     assert last.finish_reason == FinishReason.STOP and json.loads(text) in ("red", "green", "blue")
 
 
-def test_gguf_fuzzed_schemas_compile_in_the_pipeline(gguf_cb: InProcessBackend) -> None:
+def test_gguf_fuzzed_schemas_compile_in_the_pipeline(gguf_cb: InProcessBackend, tmp_path: Path) -> None:
     """What the dialect check passes, OpenVINO GenAI's xgrammar compiles: 150 random
     schemas (tests/schema_strategies.py, "$defs" named "1st"/"true" among them), one token
     each; a grammar that failed would end its request with "OpenVINO failed". 30 of them
     also generate up to 48 tokens at temperature 1, and what ends by itself validates."""
+    import hypothesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
+
+    hypothesis.configuration.set_hypothesis_home_dir(str(tmp_path))  # nothing into the checkout
 
     from tests.schema_strategies import SCHEMAS, WITH_DEFS
 

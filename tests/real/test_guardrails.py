@@ -1,8 +1,10 @@
 """Issue 5's must-shows on the bundled 135M model, through the official clients:
 schema-valid JSON and forced tool calls 20 of 20, the loop guard, long prompts, and
-LangChain tool-call round trips."""
+LangChain tool-call round trips. ``make test`` runs them on llama.cpp and again on
+OpenVINO's CPU pipeline (``KILN_CONFORMANCE_BACKEND=openvino-cpu``, tests/real/conftest.py)."""
 
 import json
+import os
 
 import httpx
 import jsonschema
@@ -14,6 +16,7 @@ from tests.schemas import PERSON
 
 pytestmark = pytest.mark.real_model
 MODEL = "smollm2:135m"
+BACKEND = os.environ.get("KILN_CONFORMANCE_BACKEND", "llamacpp")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -114,7 +117,11 @@ def test_loop_guard_stops_the_kiln_haiku(ol, server):
     body = r.json()
     assert body["done_reason"] == "length", body  # cut, in Ollama's words; the reason in the headers
     assert r.headers["x-kiln-finish-reason"] == "loop" and "loop guard" in r.headers["x-kiln-finish-detail"]
-    assert body["eval_count"] < 60  # stopped early: unguarded, it rambles on
+    # Stopped early: unguarded, it rambles on. The greedy text is each engine's own (OpenVINO
+    # reads the GGUF's weights its own way): llama.cpp's is cut before 60 tokens, OpenVINO's
+    # on the CPU ("The fire of a kilim burns, a fire that burns forever." again and again)
+    # at 104.
+    assert body["eval_count"] < (60 if BACKEND == "llamacpp" else 120)
     metrics = httpx.get(server.url + "/metrics").text
     assert 'kiln_guardrail_stops_total{model="smollm2:135m",reason="loop"}' in metrics
 
