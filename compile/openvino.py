@@ -79,6 +79,9 @@ class Options:
     store: str = ""
     no_export: bool = False
     verify: bool = True
+    task: str = "generate"  # or "embedding" (compile.embedding)
+    backend: str = "openvino"  # for --task embedding: or "llamacpp" (a GGUF)
+    pooling: str | None = None  # --task embedding: overrides the model's own
     notes: list[str] = field(default_factory=list)  # what the options overrode, to say so
 
     @property
@@ -376,7 +379,16 @@ def parse_args(argv: list[str] | None, default_store: Callable[[], Path] | None 
     ap.add_argument("--name", required=True, help="the model's name in the store, e.g. smollm2-ov:135m")
     ap.add_argument("--profile", choices=["npu", "gpu", "cpu"], default="cpu",
                     help="the target: sets the device preference and, for npu, static shapes (default cpu)")
-    ap.add_argument("--weight-format", choices=["int4", "int8", "fp16"], default="int4")
+    ap.add_argument("--weight-format", choices=["int4", "int8", "fp16"], default=None,
+                    help="default int4 for text generation, fp16 for an embedding model")
+    ap.add_argument("--task", choices=["auto", "generate", "embedding"], default="auto",
+                    help="embedding: a sentence-embedding model (served on /api/embed and /v1/embeddings); "
+                         "auto (default): embedding for a directory whose sentence-transformers modules.json "
+                         "names a Pooling module, else generate")
+    ap.add_argument("--backend", choices=["openvino", "llamacpp"], default="openvino",
+                    help="--task embedding: the engine to compile for; llamacpp writes a GGUF (BERT models)")
+    ap.add_argument("--pooling", choices=["mean", "cls", "last"], default=None,
+                    help="--task embedding: the pooling, when the model's modules.json does not say")
     sym = ap.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric quantization (forced for the NPU)")
@@ -412,13 +424,20 @@ def parse_args(argv: list[str] | None, default_store: Callable[[], Path] | None 
         if default_store is None:
             ap.error("--store is required (kiln compile takes the model store from kiln's settings)")
         a.store = str(default_store())
-    opts = Options(source=a.source, name=a.name, profile=a.profile, weight_format=a.weight_format,
+    task = a.task if a.task != "auto" else ("embedding" if is_sentence_model(a.source) else "generate")
+    weight_format = a.weight_format or ("fp16" if task == "embedding" else "int4")
+    opts = Options(source=a.source, name=a.name, profile=a.profile, weight_format=weight_format,
                    sym=bool(a.sym), group_size=a.group_size if a.group_size is not None else 128,
                    ratio=a.ratio, group_size_fallback=a.group_size_fallback,
                    max_prompt_len=a.max_prompt_len, min_response_len=a.min_response_len,
                    max_prompt_cap=a.max_prompt_cap, prefill_chunk_size=a.prefill_chunk_size,
                    npuw_devices=a.npuw_devices, store=a.store,
-                   no_export=a.no_export, verify=a.verify)
+                   no_export=a.no_export, verify=a.verify, task=task, backend=a.backend, pooling=a.pooling)
+    if task != "embedding" and (a.backend != "openvino" or a.pooling):
+        ap.error("--backend llamacpp and --pooling are for --task embedding (a GGUF of a generation model "
+                 "is served by llama.cpp as it is: kiln create NAME -f model.gguf)")
+    if task == "embedding" and a.no_export:
+        ap.error("--no-export is for GGUF generation models; an embedding model is exported")
     if opts.profile == "npu":
         if a.sym is False:
             opts.notes.append("the NPU needs symmetric weights: --asym overridden, using --sym")
@@ -455,12 +474,26 @@ def main(argv: list[str] | None = None, default_store: Callable[[], Path] | None
     except KeyboardInterrupt:
         print("kiln compile: interrupted", file=sys.stderr, flush=True)
         return 130
-    print(f"{manifest.name}: {manifest.quantization}, {manifest.size / 1e6:.1f} MB, devices "
-          f"{', '.join(manifest.devices)} -> {opts.store}", file=sys.stderr, flush=True)
+    where = f"devices {', '.join(manifest.devices)}" if manifest.backend == "openvino" else manifest.backend
+    print(f"{manifest.name}: {manifest.quantization}, {manifest.size / 1e6:.1f} MB, {where} -> {opts.store}",
+          file=sys.stderr, flush=True)
     return 0
 
 
+def is_sentence_model(source: str) -> bool:
+    """A sentence-transformers directory: its modules.json names a Pooling module."""
+    modules = Path(source).expanduser() / "modules.json"
+    try:
+        return any(str(m.get("type", "")).endswith("Pooling") for m in json.loads(modules.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(opts: Options, out: Any = None) -> Manifest:
+    if opts.task == "embedding":
+        from compile.embedding import run_embedding
+
+        return run_embedding(opts, out)
     if opts.no_export:
         return run_direct(opts, out)
     progress = Progress(7 if opts.profile == "npu" else 6, out)

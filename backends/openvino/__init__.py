@@ -44,6 +44,10 @@ Stop strings are matched here, on the decoded text, so none is ever returned.
     runs the whole NPU pipeline on the CPU (tests, machines without an NPU).
 ``npuw_online_pipeline`` (str)
     ``NPUW_ONLINE_PIPELINE`` (OpenVINO's default, ``REG``, when unset).
+``task`` (str), ``pooling`` (str), ``normalize`` (bool), ``max_length`` (int)
+    ``task: "embedding"``: an embedding model (``kiln compile --task embedding``), run by
+    ``TextEmbeddingPipeline`` with the model's own pooling and normalisation, inputs up to
+    ``max_length`` tokens (``embedding.py``); no generation pipeline is loaded.
 ``npu_blob`` (str), ``npu_blob_config`` (dict)
     The NPU model compiled ahead of time by ``kiln compile --profile npu`` (a path
     relative to the IR directory, imported with ``WEIGHTS_PATH``), and the settings it

@@ -16,14 +16,18 @@ from typing import Any
 from backends.base import (
     BackendError,
     Capabilities,
+    Chunk,
     Emit,
+    Embeddings,
     Engine,
+    FinishReason,
     EngineInfo,
     GenerationRequest,
     InvalidRequest,
     ModelSpec,
 )
 from backends.grammar import GrammarError, check, for_schema
+from backends.openvino.embedding import Embedder
 from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN, Needs,
                                       _Request, npu_prefill_properties, npu_prompt_size, npuw_device_properties,
                                       short_error)
@@ -36,6 +40,8 @@ OUTSIDE_DIALECT = ("the grammar made from this JSON schema is outside the dialec
                    "known to compile ({}); it was refused before reaching the pipeline")
 NO_TOP_LOGPROBS = ("top_logprobs: the openvino backend reports only the sampled token's log-probability "
                    "(OpenVINO GenAI gives no alternatives); ask for top_logprobs 0")
+NO_EMBEDDINGS = ("{name} is a generation model: the openvino backend computes embeddings with an embedding "
+                 "model compiled for it (kiln compile DIR --task embedding), such as all-MiniLM-L6-v2")
 NO_NPU_LOGPROBS = "logprobs are not available on the openvino backend's NPU pipeline (it streams bare token ids)"
 
 
@@ -79,7 +85,12 @@ class OpenVINOEngine(Engine):
         self.cache = "none"
         self._tok_lock = threading.Lock()
         self._runner: _Runner | None = None
+        self._embedder: Embedder | None = None
         t0 = time.monotonic()
+        if extra.get("task") == "embedding":  # an embedding model: no generation pipeline
+            self._load_embedder()
+            self.load_seconds = round(time.monotonic() - t0, 3)
+            return
         for device in self.devices:
             self.cache = "none"
             reason = self._unusable(device)
@@ -107,6 +118,31 @@ class OpenVINOEngine(Engine):
                                  lambda req, max_new: self.generation_config(req, max_new), self._too_long))
 
     # -- loading -------------------------------------------------------------------
+    def _load_embedder(self) -> None:
+        """A feature-extraction IR (``kiln compile --task embedding``) on the first device
+        that takes it; the NPU only with static shapes, which kiln does not compile."""
+        if self.is_gguf:
+            raise BackendError(f"{self.spec.name}: an embedding model on OpenVINO is an IR directory, not a GGUF")
+        for device in self.devices:
+            if device.upper().startswith("NPU"):
+                reason = "kiln compiles embedding models with dynamic shapes, which the NPU cannot run"
+            else:
+                try:
+                    self._embedder = Embedder(self.ov_genai, str(self.path), device, self.spec.extra or {},
+                                              self._properties(device))
+                    self.device, self.pipeline = device, "text_embedding"
+                    self.tokenizer = self._embedder.tokenizer
+                    self.n_vocab = self._vocab_size()  # ids in range reach Embedder.embed, which names why not
+                    return
+                except BackendError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any failure means "try the next device"
+                    reason = short_error(e)
+            self.fallbacks.append({"device": device, "error": reason})
+            log.warning("%s: %s cannot run it: %s", self.spec.name, device, reason)
+        tried = "; ".join(f"{f['device']}: {f['error']}" for f in self.fallbacks) or "no devices given"
+        raise BackendError(f"could not load {self.spec.name} on any device ({tried})")
+
     def _gguf_link(self, blob: Path) -> Path:
         """OpenVINO GenAI knows a GGUF by its extension, and store blobs have none."""
         d = Path(self.spec.cache_dir or tempfile.gettempdir()) / "gguf-links"
@@ -258,6 +294,8 @@ class OpenVINOEngine(Engine):
             return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def tokenize(self, text: str) -> list[int]:
+        if self._embedder is not None:  # what the model sees, [CLS] and [SEP] included
+            return self._encode_raw(text, True)
         ids = self._encode_raw(text, False)
         if self._bos and ids[: len(self._bos)] != self._bos:
             ids = self._bos + ids
@@ -337,7 +375,15 @@ class OpenVINOEngine(Engine):
         return c
 
     # -- the protocol ----------------------------------------------------------------
+    def embed(self, texts: list[str | list[int]]) -> Embeddings:
+        if self._embedder is None:
+            raise InvalidRequest(NO_EMBEDDINGS.format(name=self.spec.name))
+        return self._embedder.embed(texts)
+
     def submit(self, req: GenerationRequest, emit: Emit) -> None:
+        if self._embedder is not None:  # the gateway refuses generation first ("completion" is not a capability)
+            emit(Chunk(finish_reason=FinishReason.ERROR, detail=f"{self.spec.name} is an embedding model"))
+            return
         st = _Request(req, emit, self._decode, self._piece)
         try:
             assert self._runner is not None
@@ -350,6 +396,14 @@ class OpenVINOEngine(Engine):
             self._runner.cancel(req_id)
 
     def info(self) -> EngineInfo:
+        if self._embedder is not None:
+            e = self._embedder
+            return EngineInfo(device=self.device or "", num_ctx=e.max_length, num_parallel=1,
+                              capabilities=Capabilities(embeddings=True), n_vocab=self.n_vocab,
+                              details={"devices": self.devices, "fallbacks": list(self.fallbacks),
+                                       "pipeline": self.pipeline, "format": "openvino",
+                                       "load_seconds": self.load_seconds, "pooling": e.pooling,
+                                       "normalize": e.normalize, "embedding_length": e.dimensions})
         caps = self.capabilities if not self.no_grammar else dataclasses.replace(self.capabilities, grammar=False)
         details: dict[str, Any] = {
             "devices": self.devices,
@@ -381,6 +435,7 @@ class OpenVINOEngine(Engine):
 
     def close(self) -> None:
         runner, self._runner = self._runner, None
+        self._embedder = None
         if runner is not None:
             runner.close()
 
