@@ -269,3 +269,30 @@ def embed_from_store(final: Path, m: Manifest, texts: list[str]) -> tuple[list[l
         raise
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"{m.backend} cannot run the result: {e}") from None
+
+
+# -- a generation model's hidden states (kiln compile --embeddings) ---------------------
+def export_hidden_states(src: Source, out: Path) -> int:
+    """The generation model's last hidden states (after its final norm) as an OpenVINO graph
+    of their own (optimum-intel's feature extraction, fp16), for ``/api/embed`` on a model
+    OpenVINO serves: the engine mean-pools them over the model's own tokens, as llama.cpp
+    does for a model without a pooling type (and Ollama with it). Returns its size."""
+    import torch
+    from optimum.exporters.openvino import export_from_model
+    from optimum.intel import OVConfig
+    from transformers import AutoModel
+
+    kw: dict[str, Any] = {"dtype": torch.float32}
+    where = str(src.path)
+    if src.kind == "gguf":
+        kw["gguf_file"], where = src.path.name, str(src.path.parent)
+    try:
+        model = AutoModel.from_pretrained(where, **kw)
+    except (ValueError, OSError, ImportError) as e:
+        raise CompileError(f"transformers cannot load {src.path} for its hidden states: {e}") from None
+    model.eval()
+    try:
+        export_from_model(model, str(out), task="feature-extraction", ov_config=OVConfig(dtype="fp16"))
+    except Exception as e:  # noqa: BLE001 - the exporter has many ways to fail
+        raise CompileError(f"optimum-intel cannot export the hidden states of {src.architecture}: {e}") from None
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

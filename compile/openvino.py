@@ -82,6 +82,7 @@ class Options:
     task: str = "generate"  # or "embedding" (compile.embedding)
     backend: str = "openvino"  # for --task embedding: or "llamacpp" (a GGUF)
     pooling: str | None = None  # --task embedding: overrides the model's own
+    embeddings: bool = False  # a generation model: also its hidden states, for /api/embed
     notes: list[str] = field(default_factory=list)  # what the options overrode, to say so
 
     @property
@@ -387,6 +388,10 @@ def parse_args(argv: list[str] | None, default_store: Callable[[], Path] | None 
                          "names a Pooling module, else generate")
     ap.add_argument("--backend", choices=["openvino", "llamacpp"], default="openvino",
                     help="--task embedding: the engine to compile for; llamacpp writes a GGUF (BERT models)")
+    ap.add_argument("--embeddings", action="store_true",
+                    help="a generation model: also export its hidden states (fp16, about twice the "
+                         "parameter count in bytes) so that OpenVINO serves /api/embed for it, mean-pooled "
+                         "as llama.cpp does")
     ap.add_argument("--pooling", choices=["mean", "cls", "last"], default=None,
                     help="--task embedding: the pooling, when the model's modules.json does not say")
     sym = ap.add_mutually_exclusive_group()
@@ -432,7 +437,10 @@ def parse_args(argv: list[str] | None, default_store: Callable[[], Path] | None 
                    max_prompt_len=a.max_prompt_len, min_response_len=a.min_response_len,
                    max_prompt_cap=a.max_prompt_cap, prefill_chunk_size=a.prefill_chunk_size,
                    npuw_devices=a.npuw_devices, store=a.store,
-                   no_export=a.no_export, verify=a.verify, task=task, backend=a.backend, pooling=a.pooling)
+                   no_export=a.no_export, verify=a.verify, task=task, backend=a.backend, pooling=a.pooling,
+                   embeddings=a.embeddings)
+    if task == "embedding" and a.embeddings:
+        ap.error("--embeddings is for a generation model; an embedding model (--task embedding) is all embeddings")
     if task != "embedding" and (a.backend != "openvino" or a.pooling):
         ap.error("--backend llamacpp and --pooling are for --task embedding (a GGUF of a generation model "
                  "is served by llama.cpp as it is: kiln create NAME -f model.gguf)")
@@ -496,7 +504,7 @@ def run(opts: Options, out: Any = None) -> Manifest:
         return run_embedding(opts, out)
     if opts.no_export:
         return run_direct(opts, out)
-    progress = Progress(7 if opts.profile == "npu" else 6, out)
+    progress = Progress((7 if opts.profile == "npu" else 6) + opts.embeddings, out)
     for note in opts.notes:
         progress.say(note)
     with progress.stage(f"reading {opts.source}"):
@@ -546,6 +554,7 @@ def run(opts: Options, out: Any = None) -> Manifest:
                                   group_size_fallback=opts.group_size_fallback)
         if opts.profile == "npu":
             npu_stage(opts, work, manifest, progress)
+        hidden = hidden_stage(src, sha, opts, store, progress)
         with progress.stage("writing to the store and checking it loads from there"):
             rel = f"models/{model_id(sha, opts)}"
             final = store.root / rel
@@ -554,7 +563,7 @@ def run(opts: Options, out: Any = None) -> Manifest:
             final.parent.mkdir(parents=True, exist_ok=True)
             work.rename(final)
             size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-            manifest.files = [FileRef(role="ir", path=rel, sha256=sha, size=size)]
+            manifest.files = [FileRef(role="ir", path=rel, sha256=sha, size=size), *hidden]
             if opts.verify:
                 try:
                     verify(final, opts, manifest, progress)
@@ -570,6 +579,22 @@ def run(opts: Options, out: Any = None) -> Manifest:
             work_root.rmdir()  # only when no other compile is using it
         except OSError:
             pass
+
+
+def hidden_stage(src: Source, sha: str, opts: Options, store: ModelStore, progress: Progress) -> list[FileRef]:
+    """--embeddings: the hidden-state graph, in a directory of its own under models/."""
+    if not opts.embeddings:
+        return []
+    from compile.embedding import export_hidden_states
+
+    with progress.stage("exporting the hidden states (fp16) for /api/embed"):
+        rel = f"models/{model_id(sha, opts)}-hidden"
+        final = store.root / rel
+        if final.exists():
+            shutil.rmtree(final)
+        size = export_hidden_states(src, final)
+        progress.say(f"{size / 1e6:.0f} MB -> {final}")
+    return [FileRef(role="embedding", path=rel, size=size)]
 
 
 def npu_stage(opts: Options, work: Path, manifest: Manifest, progress: Progress) -> None:
@@ -617,7 +642,7 @@ def verify(final: Path, opts: Options, manifest: Manifest, progress: Progress) -
 
 def run_direct(opts: Options, out: Any = None) -> Manifest:
     """--no-export: the GGUF itself, for OpenVINO GenAI's GGUF reader."""
-    progress = Progress(3, out)
+    progress = Progress(3 + opts.embeddings, out)
     with progress.stage(f"reading {opts.source}"):
         src = read_source(opts.source)
         if src.gguf is None:
@@ -640,10 +665,12 @@ def run_direct(opts: Options, out: Any = None) -> Manifest:
         blob = store.blob_path(f"sha256:{sha}")
         if not blob.is_file():
             store.write_blob(f"sha256:{sha}", chunks())
+    hidden = hidden_stage(src, sha, opts, store, progress)
     with progress.stage("checking OpenVINO GenAI loads it"):
         m = base_manifest(src, opts, sha, src.gguf.parameter_count)
         m.format, m.quantization = "gguf", src.gguf.quantization
-        m.files = [FileRef(role="model", path=str(blob.relative_to(store.root)), sha256=sha, size=src.size)]
+        m.files = [FileRef(role="model", path=str(blob.relative_to(store.root)), sha256=sha, size=src.size),
+                   *hidden]
         if opts.verify:
             (store.root / "tmp").mkdir(exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=store.root / "tmp"))

@@ -551,7 +551,9 @@ class Service:
         resolve(m.parameters, options or {})
         async with self.scheduler.use(m, keep_alive=keep_alive) as lease:
             if texts and not lease.runner.backend.capabilities.embeddings:
-                raise BadRequest(f"the {m.backend} backend does not compute embeddings")
+                hint = (f": recompile it with kiln compile SOURCE --name {m.name} --embeddings (its hidden states)"
+                        if m.backend == "openvino" else "")
+                raise BadRequest(f"the {m.backend} backend does not compute embeddings with {m.name}{hint}")
             for t in texts:
                 if not isinstance(t, str):
                     check_ids(t, lease.runner.info.n_vocab, "input")

@@ -270,12 +270,14 @@ class Scheduler:
         elif why:
             log.warning("%s: loading with a context of %d tokens: %s", m.name, ctx, why)
         ref = m.files[0]
+        # kiln compile --embeddings: the hidden-state graph OpenVINO embeds with
+        hidden = {"embedding_path": str(self.store.resolve(f)) for f in m.files[1:] if f.role == "embedding"}
         return ModelSpec(
             name=m.name, path=str(self.store.resolve(ref)), backend=m.backend, num_ctx=ctx,
             num_parallel=self.settings.parallel,
             num_threads=self.settings.threads, devices=list(m.devices),
             cache_dir=str(self.store.root / "cache"),
-            extra={**m.extra, **({"kv_cache_type": kv} if (kv := self.kv_cache_type(m)) else {})},
+            extra={**m.extra, **hidden, **({"kv_cache_type": kv} if (kv := self.kv_cache_type(m)) else {})},
         )
 
     async def _get(self, m: Manifest, num_ctx: int | None) -> tuple[Runner, int]:

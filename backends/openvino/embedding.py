@@ -68,3 +68,51 @@ class Embedder:
                 for j, v in zip(part, self.pipe.embed_documents([strs[j] for j in part])):
                     vectors[j] = list(map(float, v))
         return Embeddings(vectors, sum(counts))
+
+
+class HiddenStates:
+    """A generation model's embeddings on OpenVINO: its last hidden states (the graph
+    ``kiln compile --embeddings`` exports) mean-pooled over the prompt's tokens, the model's
+    own tokenizer's ids (BOS as for a prompt), as llama.cpp computes them for a model
+    without a pooling type. Not normalised here: the dialects normalise (``/api/embed``,
+    ``/v1/embeddings``) or not (``/api/embeddings``) as they do for llama.cpp. Compiled on
+    the first call, on the CPU when the model generates on the NPU."""
+
+    def __init__(self, path: str, device: str, props: dict[str, Any]) -> None:
+        self.path, self.device, self.props = path, device, props
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def embed(self, toks: list[list[int]], limit: int) -> Embeddings:
+        import numpy as np
+
+        for t in toks:
+            if not t:
+                raise InvalidRequest("cannot embed an empty text (0 tokens)")
+            if len(t) > limit:
+                raise InvalidRequest(f"the input is {len(t)} tokens, more than the context window of "
+                                     f"{limit} tokens (num_ctx)")
+        with self._lock:
+            if self._model is None:
+                import openvino as ov
+
+                self._model = ov.Core().compile_model(f"{self.path}/openvino_model.xml", self.device, self.props)
+            names = {i.get_any_name() for i in self._model.inputs}
+            vectors: list[list[float]] = [[] for _ in toks]
+            order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+            for i in range(0, len(order), BATCH):  # right-padded: a causal model's real tokens never see the pads
+                part = order[i: i + BATCH]
+                width = max(len(toks[j]) for j in part)
+                ids = np.zeros((len(part), width), dtype=np.int64)
+                mask = np.zeros((len(part), width), dtype=np.int64)
+                for row, j in enumerate(part):
+                    ids[row, : len(toks[j])] = toks[j]
+                    mask[row, : len(toks[j])] = 1
+                inputs = {"input_ids": ids, "attention_mask": mask}
+                if "position_ids" in names:
+                    inputs["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
+                hidden = np.asarray(self._model(inputs)[0], dtype=np.float64)
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+                for row, j in enumerate(part):
+                    vectors[j] = [float(x) for x in pooled[row]]
+        return Embeddings(vectors, sum(len(t) for t in toks))

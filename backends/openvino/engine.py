@@ -27,7 +27,7 @@ from backends.base import (
     ModelSpec,
 )
 from backends.grammar import GrammarError, check, for_schema
-from backends.openvino.embedding import Embedder
+from backends.openvino.embedding import Embedder, HiddenStates
 from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN, Needs,
                                       _Request, npu_prefill_properties, npu_prompt_size, npuw_device_properties,
                                       short_error)
@@ -40,8 +40,9 @@ OUTSIDE_DIALECT = ("the grammar made from this JSON schema is outside the dialec
                    "known to compile ({}); it was refused before reaching the pipeline")
 NO_TOP_LOGPROBS = ("top_logprobs: the openvino backend reports only the sampled token's log-probability "
                    "(OpenVINO GenAI gives no alternatives); ask for top_logprobs 0")
-NO_EMBEDDINGS = ("{name} is a generation model: the openvino backend computes embeddings with an embedding "
-                 "model compiled for it (kiln compile DIR --task embedding), such as all-MiniLM-L6-v2")
+NO_EMBEDDINGS = ("{name} was compiled without its hidden states, so the openvino backend cannot embed with it: "
+                 "recompile it with kiln compile SOURCE --name {name} --embeddings, or use an embedding model "
+                 "(kiln compile DIR --task embedding, e.g. all-MiniLM-L6-v2)")
 NO_NPU_LOGPROBS = "logprobs are not available on the openvino backend's NPU pipeline (it streams bare token ids)"
 
 
@@ -86,6 +87,7 @@ class OpenVINOEngine(Engine):
         self._tok_lock = threading.Lock()
         self._runner: _Runner | None = None
         self._embedder: Embedder | None = None
+        self._hidden: HiddenStates | None = None  # kiln compile --embeddings
         t0 = time.monotonic()
         if extra.get("task") == "embedding":  # an embedding model: no generation pipeline
             self._load_embedder()
@@ -114,6 +116,9 @@ class OpenVINOEngine(Engine):
         self.n_vocab = self._vocab_size()
         self._bos = self._bos_prefix()
         self.no_grammar = self._runner.grammar_error  # why structured output is off, if it is
+        if extra.get("embedding_path"):
+            where = "CPU" if (self.device or "").upper().startswith("NPU") else self.device or "CPU"
+            self._hidden = HiddenStates(str(extra["embedding_path"]), where, self._properties(where))
         self._runner.start(Needs(spec.name, ov_genai, self.tokenize,
                                  lambda req, max_new: self.generation_config(req, max_new), self._too_long))
 
@@ -376,9 +381,12 @@ class OpenVINOEngine(Engine):
 
     # -- the protocol ----------------------------------------------------------------
     def embed(self, texts: list[str | list[int]]) -> Embeddings:
-        if self._embedder is None:
+        if self._embedder is not None:
+            return self._embedder.embed(texts)
+        if self._hidden is None:
             raise InvalidRequest(NO_EMBEDDINGS.format(name=self.spec.name))
-        return self._embedder.embed(texts)
+        limit = self.info().num_ctx
+        return self._hidden.embed([self.tokenize(t) if isinstance(t, str) else list(t) for t in texts], limit)
 
     def submit(self, req: GenerationRequest, emit: Emit) -> None:
         if self._embedder is not None:  # the gateway refuses generation first ("completion" is not a capability)
@@ -405,6 +413,8 @@ class OpenVINOEngine(Engine):
                                        "load_seconds": self.load_seconds, "pooling": e.pooling,
                                        "normalize": e.normalize, "embedding_length": e.dimensions})
         caps = self.capabilities if not self.no_grammar else dataclasses.replace(self.capabilities, grammar=False)
+        if self._hidden is not None:
+            caps = dataclasses.replace(caps, embeddings=True)
         details: dict[str, Any] = {
             "devices": self.devices,
             "fallbacks": list(self.fallbacks),
@@ -413,6 +423,8 @@ class OpenVINOEngine(Engine):
             "load_seconds": self.load_seconds,
             "cache": self.cache,
         }
+        if self._hidden is not None:
+            details["embeddings"] = f"hidden states, mean-pooled, on {self._hidden.device}"
         if self.no_grammar:
             details["structured_output"] = f"off: {self.no_grammar}"
         elif self._runner is not None and self._runner.grammar_init_seconds is not None:

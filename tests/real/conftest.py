@@ -25,16 +25,17 @@ from tests.conftest import Server, require_model, start_server, stop_server
 from tests.models import RealModel, conformance_model
 
 BACKEND = os.environ.get("KILN_CONFORMANCE_BACKEND", "llamacpp")
+# --embeddings: the model's hidden states too, so that OpenVINO serves /api/embed for it
 COMPILE_ARGS = {
-    "openvino-cpu": ["--profile", "cpu", "--no-export"],
+    "openvino-cpu": ["--profile", "cpu", "--no-export", "--embeddings"],
     "openvino-npu": ["--profile", "npu", "--npuw-devices", "CPU", "--max-prompt-len", "1024",
-                     "--min-response-len", "256"],
+                     "--min-response-len", "256", "--embeddings"],
 }
 
 
 # Gemma 3 is neither a llama/qwen architecture nor a BPE vocabulary: OpenVINO GenAI cannot
 # read its GGUF as it is, so for the CPU too it is exported to IR.
-GEMMA_COMPILE_ARGS = {**COMPILE_ARGS, "openvino-cpu": ["--profile", "cpu"]}
+GEMMA_COMPILE_ARGS = {**COMPILE_ARGS, "openvino-cpu": ["--profile", "cpu", "--embeddings"]}
 
 
 def compile_into(store: Path, backend: str, model: RealModel | None = None) -> None:

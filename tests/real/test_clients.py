@@ -300,8 +300,6 @@ def test_openai_models(oa):
 
 # -- embeddings and completions ----------------------------------------------------------
 
-@pytest.mark.skipif(os.environ.get("KILN_CONFORMANCE_BACKEND", "llamacpp").startswith("openvino"),
-                    reason="kiln's OpenVINO backend serves generation only; embeddings run on llama.cpp")
 def test_embeddings_both_clients(oc, oa, server):
     text = "The sky is blue because of Rayleigh scattering."
     native = oc.embed(model=MODEL, input=text).embeddings
