@@ -19,11 +19,12 @@ import openai
 import pytest
 
 from tests.conftest import Server, start_server, stop_server
-from tests.models import minilm_dir
+from tests.models import bundled_gguf, minilm_dir
 
 pytestmark = pytest.mark.real_model
 
 OV, GGUF = "all-minilm:l6-v2", "all-minilm-gguf:l6-v2"
+CHAT_OV = "smollm2-ov:135m"  # the bundled generation model on OpenVINO, compiled without --embeddings
 SENTENCES = [
     "The cat sits on the mat.",
     "A man is playing a guitar on the street corner.",
@@ -45,6 +46,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                             str(tmp / "models"), *extra], capture_output=True, text=True, timeout=900, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "cosine similarity to transformers' vectors" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "compile", str(bundled_gguf()), "--name", CHAT_OV, "--store",
+                        str(tmp / "models"), "--no-export", "--no-verify"], capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
     s = start_server(tmp)
     yield s
     stop_server(s)
@@ -122,3 +127,12 @@ def test_token_ids_on_each_engine(server):
     assert cosine(by_ids.json()["data"][0]["embedding"], text["data"][0]["embedding"]) > 0.9999
     r = httpx.post(server.url + "/v1/embeddings", json={"model": OV, "input": ids}, timeout=60)
     assert r.status_code == 400 and "text only" in r.json()["error"]["message"], r.text
+
+
+def test_openvino_generation_model_without_hidden_states_names_the_flag(server):
+    """OpenVINO GenAI's generation pipelines give no hidden states: a model compiled without
+    --embeddings is a 400 on both dialects that says how to get them, not a wrong vector."""
+    r = httpx.post(server.url + "/api/embed", json={"model": CHAT_OV, "input": "hello"}, timeout=120)
+    assert r.status_code == 400 and "--embeddings" in r.json()["error"], r.text
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": CHAT_OV, "input": "hello"}, timeout=120)
+    assert r.status_code == 400 and "--embeddings" in r.json()["error"]["message"], r.text
