@@ -34,7 +34,7 @@ def write_bert_gguf(model: Any, tok: Any, src_dir: Path, config: dict[str, Any],
                            f"this one is '{config.get('model_type')}'. Compile it for OpenVINO instead "
                            f"(--backend openvino)")
     if weight_format not in ("fp16", "f32"):
-        raise CompileError(f"a GGUF embedding model is written in fp16 or f32, not {weight_format}")
+        raise CompileError(f"a GGUF embedding model is written in fp16 (or f32), not {weight_format}")
     n_layer = int(config["num_hidden_layers"])
     w = gguf.GGUFWriter(str(out), "bert")
     w.add_name(src_dir.name)

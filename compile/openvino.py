@@ -439,6 +439,9 @@ def parse_args(argv: list[str] | None, default_store: Callable[[], Path] | None 
                    npuw_devices=a.npuw_devices, store=a.store,
                    no_export=a.no_export, verify=a.verify, task=task, backend=a.backend, pooling=a.pooling,
                    embeddings=a.embeddings)
+    if task == "embedding" and a.backend == "llamacpp" and weight_format != "fp16":
+        ap.error(f"--backend llamacpp writes the GGUF in fp16; --weight-format {weight_format} is for OpenVINO "
+                 f"(llama.cpp's llama-quantize makes smaller GGUFs)")
     if task == "embedding" and a.embeddings:
         ap.error("--embeddings is for a generation model; an embedding model (--task embedding) is all embeddings")
     if task != "embedding" and (a.backend != "openvino" or a.pooling):
