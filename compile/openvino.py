@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from backends.gguf import human_number
-from backends.openvino.request import npu_prefill_properties, npu_prompt_size, npuw_device_properties
+from backends.openvino.request import (npu_attention_properties, npu_prefill_properties, npu_prompt_size,
+                                      npuw_device_properties)
 from backends.store import FileRef, Manifest, ModelName, ModelStore
 from compile.source import (
     CompileError,
@@ -289,9 +290,10 @@ def trained_context(src: Source) -> int:
     return int(src.config.get("max_position_embeddings") or src.config.get("n_positions") or 0)
 
 
-def npu_properties(opts: Options) -> dict[str, Any]:
+def npu_properties(opts: Options, ir: Path) -> dict[str, Any]:
     props: dict[str, Any] = {"MAX_PROMPT_LEN": opts.max_prompt_len, "MIN_RESPONSE_LEN": opts.min_response_len}
     props.update(npu_prefill_properties(opts.prefill_chunk_size))
+    props.update(npu_attention_properties(ir))
     props.update(npuw_device_properties(opts.npuw_devices))
     return props
 
@@ -302,7 +304,7 @@ def compile_npu(out: Path, opts: Options) -> float:
 
     t = time.monotonic()
     try:
-        pipe = ov_genai.LLMPipeline(str(out), "NPU", **npu_properties(opts), EXPORT_BLOB="YES",
+        pipe = ov_genai.LLMPipeline(str(out), "NPU", **npu_properties(opts, out), EXPORT_BLOB="YES",
                                     BLOB_PATH=str(out / "npu.blob"))
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"the NPU could not compile this model: {_short(e)}") from None
@@ -622,6 +624,7 @@ def npu_stage(opts: Options, work: Path, manifest: Manifest, progress: Progress)
         npu_blob_config={"max_prompt_len": opts.max_prompt_len, "min_response_len": opts.min_response_len,
                          "prefill_chunk_size": opts.prefill_chunk_size,
                          "npuw_devices": opts.npuw_devices, "npuw_f16ic": npuw_device_properties(opts.npuw_devices).get("NPUW_F16IC"),
+                         "prefill_attention_hint": npu_attention_properties(work).get("NPUW_LLM_PREFILL_ATTENTION_HINT"),
                          "openvino": ov.__version__})
     if opts.npuw_devices:
         manifest.extra["npuw_devices"] = opts.npuw_devices
@@ -629,7 +632,7 @@ def npu_stage(opts: Options, work: Path, manifest: Manifest, progress: Progress)
 
 def verify(final: Path, opts: Options, manifest: Manifest, progress: Progress) -> None:
     if opts.profile == "npu":
-        props = {**npu_properties(opts), "BLOB_PATH": str(final / "npu.blob"),
+        props = {**npu_properties(opts, final), "BLOB_PATH": str(final / "npu.blob"),
                  "WEIGHTS_PATH": str(final / "openvino_model.bin")}
         seconds, text = smoke_test(str(final), "NPU", props)
         first = manifest.extra.get("npu_first_load_s") or 0

@@ -29,7 +29,8 @@ from backends.base import (
 from backends.grammar import GrammarError, check, for_schema
 from backends.openvino.embedding import Embedder, HiddenStates
 from backends.openvino.request import (DEFAULT_DEVICES, DEFAULT_MAX_PROMPT_LEN, DEFAULT_MIN_RESPONSE_LEN, Needs,
-                                      _Request, npu_prefill_properties, npu_prompt_size, npuw_device_properties,
+                                      _Request, npu_attention_properties, npu_prefill_properties, npu_prompt_size,
+                                      npuw_device_properties,
                                       short_error)
 from backends.openvino.runners import _ContinuousBatching, _NpuStatic, _Runner
 
@@ -209,6 +210,7 @@ class OpenVINOEngine(Engine):
         props = self._properties(device)
         props.update(MAX_PROMPT_LEN=self.max_prompt_len, MIN_RESPONSE_LEN=self.min_response_len)
         props.update(npu_prefill_properties(self.prefill_chunk))
+        props.update(npu_attention_properties(self.path))
         props.update(npuw_device_properties(self.npuw_devices))
         if extra.get("npuw_online_pipeline"):
             props["NPUW_ONLINE_PIPELINE"] = extra["npuw_online_pipeline"]
@@ -250,7 +252,8 @@ class OpenVINOEngine(Engine):
         built = extra.get("npu_blob_config") or {}
         wanted = {"max_prompt_len": self.max_prompt_len, "min_response_len": self.min_response_len,
                   "npuw_devices": self.npuw_devices, "prefill_chunk_size": self.prefill_chunk,
-                  "npuw_f16ic": npuw_device_properties(self.npuw_devices).get("NPUW_F16IC")}
+                  "npuw_f16ic": npuw_device_properties(self.npuw_devices).get("NPUW_F16IC"),
+                  "prefill_attention_hint": npu_attention_properties(self.path).get("NPUW_LLM_PREFILL_ATTENTION_HINT")}
         differ = sorted(k for k, v in wanted.items() if built.get(k) != v)
         if differ:
             return None, f"blob built for other {', '.join(differ)}; "

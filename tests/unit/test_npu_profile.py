@@ -4,9 +4,11 @@ compile and run are in tests/backends/test_openvino.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from backends.openvino.request import npu_prefill_properties
+from backends.openvino.request import npu_attention_properties, npu_prefill_properties
 from compile.openvino import NPU_PREFILL_CHUNK, NPU_PROMPT_CAP, Options, npu_prompt_len, npu_properties, parse_args
 from compile.source import CompileError
 
@@ -58,13 +60,13 @@ def test_bad_settings_are_refused(bad, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_properties_ask_for_chunked_prefill():
+def test_properties_ask_for_chunked_prefill(tmp_path):
     o = npu("--max-prompt-len", "14336", "--npuw-devices", "CPU")
-    assert npu_properties(o) == {"MAX_PROMPT_LEN": 14336, "MIN_RESPONSE_LEN": 128, "PREFILL_HINT": "DYNAMIC",
+    assert npu_properties(o, tmp_path) == {"MAX_PROMPT_LEN": 14336, "MIN_RESPONSE_LEN": 128, "PREFILL_HINT": "DYNAMIC",
                                  "NPUW_LLM_PREFILL_CHUNK_SIZE": 1024, "NPUW_DEVICES": "CPU",
                                  "NPUW_F16IC": "NO"}  # f32 between NPUW's partitions on the CPU (Gemma 3)
-    assert npu_properties(npu("--npuw-devices", "NPU,CPU"))["NPUW_DEVICES"] == "NPU,CPU"
-    assert "NPUW_F16IC" not in npu_properties(npu("--npuw-devices", "NPU,CPU"))  # a real NPU: OpenVINO's default
+    assert npu_properties(npu("--npuw-devices", "NPU,CPU"), tmp_path)["NPUW_DEVICES"] == "NPU,CPU"
+    assert "NPUW_F16IC" not in npu_properties(npu("--npuw-devices", "NPU,CPU"), tmp_path)  # a real NPU: OpenVINO's default
     assert npu_prefill_properties(0) == {"PREFILL_HINT": "STATIC"}
     assert npu_prefill_properties(None) == {}  # a manifest from before: OpenVINO's default
 
@@ -96,3 +98,20 @@ def test_kiln_compile_writes_to_the_store_the_settings_name(monkeypatch, tmp_pat
     with pytest.raises(SystemExit):
         ov.main(["model.gguf", "--name", "m:1"])
     assert "--store is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, hint", [
+    ({"model_type": "gemma3_text", "sliding_window": 512,
+      "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}, "STATIC"),
+    ({"model_type": "gemma3", "text_config": {"sliding_window": 1024}}, "STATIC"),  # no layer_types: all slide
+    ({"model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False}, None),
+    ({"model_type": "gemma3_text", "sliding_window": 512, "layer_types": ["full_attention"] * 6}, None),
+    ({"model_type": "llama"}, None),
+])
+def test_sliding_window_models_prefill_with_static_attention(tmp_path, config, hint):
+    """Gemma 3 through NPUW with chunked prefill answered <eos> or '* * *' at 1,000-2,000 tokens
+    with the pipeline's default prefill attention (backends.openvino.request.npu_attention_properties)."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    props = npu_properties(npu("--npuw-devices", "CPU"), tmp_path)
+    assert props.get("NPUW_LLM_PREFILL_ATTENTION_HINT") == hint
+    assert npu_attention_properties(tmp_path / "missing") == {}
