@@ -87,6 +87,7 @@ class OpenVINOEngine(Engine):
         self.cache = "none"
         self._tok_lock = threading.Lock()
         self._runner: _Runner | None = None
+        self.no_grammar: str | None = None  # why structured output is off, if it is
         self._embedder: Embedder | None = None
         self._hidden: HiddenStates | None = None  # kiln compile --embeddings
         t0 = time.monotonic()
@@ -116,7 +117,7 @@ class OpenVINOEngine(Engine):
         self.tokenizer = self._runner.tokenizer
         self.n_vocab = self._vocab_size()
         self._bos = self._bos_prefix()
-        self.no_grammar = self._runner.grammar_error  # why structured output is off, if it is
+        self.no_grammar = self._runner.grammar_error
         if extra.get("embedding_path"):
             where = "CPU" if (self.device or "").upper().startswith("NPU") else self.device or "CPU"
             self._hidden = HiddenStates(str(extra["embedding_path"]), where, self._properties(where))
