@@ -300,6 +300,11 @@ def test_openai_models(oa):
 
 # -- embeddings and completions ----------------------------------------------------------
 
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+
 def test_embeddings_both_clients(oc, oa, server):
     text = "The sky is blue because of Rayleigh scattering."
     native = oc.embed(model=MODEL, input=text).embeddings
@@ -307,7 +312,11 @@ def test_embeddings_both_clients(oc, oa, server):
     assert sum(x * x for x in native[0]) == pytest.approx(1.0, abs=1e-4)
 
     two = oc.embed(model=MODEL, input=[text, "Grass is green."]).embeddings
-    assert len(two) == 2 and two[0] == pytest.approx(native[0], abs=1e-5)
+    # A list is one batch for the engine, whose kernels for several sequences round
+    # differently from those for one: Gemma 3 on llama.cpp differed by up to 2.5e-4 per
+    # element (cosine 0.99999+), SmolLM2 by less than 1e-5. The same vector, not the same bits.
+    assert len(two) == 2 and _cosine(two[0], native[0]) > 0.9999
+    assert _cosine(two[1], native[0]) < 0.99  # and the other text's is another vector
 
     via_openai = oa.embeddings.create(model=MODEL, input=text)  # the SDK asks for base64 and decodes it
     vec = via_openai.data[0].embedding
