@@ -269,7 +269,11 @@ def write(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "latest.json", "md": out_dir / "latest.md", "png": out_dir / "latest.png"}
     paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(results))
-    plot(results, paths["png"])
+    try:
+        plot(results, paths["png"])
+    except ModuleNotFoundError as e:  # matplotlib is not among kiln's own dependencies
+        print(f"no plot ({e}): pip install matplotlib for {paths['png'].name}")
+        del paths["png"]
     return paths
 
 
