@@ -107,7 +107,7 @@ def check_exportable(arch: str) -> None:
 
 
 def run_embedding(opts: Any, out: Any = None) -> Manifest:
-    from compile.openvino import Progress, compress_weights, model_id
+    from compile.openvino import Progress, compress_weights, model_id, move_into_store
 
     progress = Progress(4 if opts.backend == "llamacpp" else 5, out)
     for note in opts.notes:
@@ -166,12 +166,7 @@ def run_embedding(opts: Any, out: Any = None) -> Manifest:
                 final = blob
             else:
                 rel = f"models/{model_id(sha, opts)}"
-                final = store.root / rel
-                if final.exists():
-                    shutil.rmtree(final)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                work.rename(final)
-                size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+                final, size = move_into_store(store, work, rel)
                 manifest.files = [FileRef(role="ir", path=rel, sha256=sha, size=size)]
             if opts.verify:
                 try:

@@ -562,12 +562,7 @@ def run(opts: Options, out: Any = None) -> Manifest:
         hidden = hidden_stage(src, sha, opts, store, progress)
         with progress.stage("writing to the store and checking it loads from there"):
             rel = f"models/{model_id(sha, opts)}"
-            final = store.root / rel
-            if final.exists():
-                shutil.rmtree(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            work.rename(final)
-            size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+            final, size = move_into_store(store, work, rel)
             manifest.files = [FileRef(role="ir", path=rel, sha256=sha, size=size), *hidden]
             if opts.verify:
                 try:
@@ -584,6 +579,17 @@ def run(opts: Options, out: Any = None) -> Manifest:
             work_root.rmdir()  # only when no other compile is using it
         except OSError:
             pass
+
+
+def move_into_store(store: ModelStore, work: Path, rel: str) -> tuple[Path, int]:
+    """The exported directory ``work`` becomes ``rel`` under the store (what was there
+    before is replaced); its path there and its size in bytes."""
+    final = store.root / rel
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work.rename(final)
+    return final, sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
 
 
 def hidden_stage(src: Source, sha: str, opts: Options, store: ModelStore, progress: Progress) -> list[FileRef]:
